@@ -1,0 +1,82 @@
+"""Process-group set-up and the few collective helpers the trainer needs."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class DistContext:
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+    # A CPU (gloo) group for control decisions: agreeing on a stop over it never waits for the GPU,
+    # so the hot loop stays free of device syncs.
+    control_group: object | None = None
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def pick_device(preference: str, local_rank: int) -> torch.device:
+    if preference == "cpu" or (preference == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise RuntimeError("trainer.device=cuda but no CUDA device is visible; use trainer.device=auto or cpu")
+    return torch.device("cuda", local_rank)
+
+
+def init_distributed(device_preference: str = "auto") -> DistContext:
+    """Join the process group the launcher (ours or torchrun) described in the environment."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = pick_device(device_preference, local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if world_size == 1:
+        return DistContext(rank, local_rank, 1, device)
+    if not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        kwargs = {"device_id": device} if device.type == "cuda" else {}
+        dist.init_process_group(backend=backend, **kwargs)
+    control = dist.new_group(backend="gloo") if device.type == "cuda" else dist.group.WORLD
+    return DistContext(rank, local_rank, world_size, device, control)
+
+
+def any_rank(ctx: DistContext, flags: list[bool]) -> list[bool]:
+    """For each flag, whether it is set on any rank (one small CPU all-reduce)."""
+    if not ctx.distributed:
+        return flags
+    t = torch.tensor([int(f) for f in flags], dtype=torch.int32)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=ctx.control_group)
+    return [bool(v) for v in t.tolist()]
+
+
+def broadcast_object(ctx: DistContext, obj: object) -> object:
+    """Rank 0's value of `obj` on every rank."""
+    if not ctx.distributed:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0, group=ctx.control_group)
+    return box[0]
+
+
+def barrier(ctx: DistContext) -> None:
+    if ctx.distributed:
+        dist.barrier(group=ctx.control_group)
+
+
+def cleanup(ctx: DistContext) -> None:
+    if ctx.distributed and dist.is_initialized():
+        dist.destroy_process_group()

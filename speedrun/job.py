@@ -1,0 +1,148 @@
+"""What every rank runs: build the components from the resolved config, train, report.
+
+Called in-process for one rank, or in each process the elastic launcher (or an external torchrun)
+starts. Rank 0 alone writes logs, metrics, checkpoints, artifacts and `summary.json`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import sys
+import traceback
+from pathlib import Path
+
+log = logging.getLogger("speedrun")
+
+
+def _configure_rank_logging(run_dir: Path, rank: int) -> None:
+    """A rank started by a launcher has no logging set up: rank 0 logs to stdout and train.log."""
+    root = logging.getLogger()
+    if root.handlers:  # in-process: Hydra already logs to stdout and train.log
+        return
+    root.setLevel(logging.INFO)
+    if rank == 0:
+        formatter = logging.Formatter("%(message)s")
+        for handler in (logging.StreamHandler(sys.stdout), logging.FileHandler(run_dir / "train.log")):
+            handler.setFormatter(formatter)
+            root.addHandler(handler)
+
+
+def resolve_max_steps(trainer_cfg, flops_per_token: float, params: int) -> int | None:
+    """The step horizon: max_steps, else nanochat's target FLOPs, else its data:param ratio."""
+    batch = trainer_cfg["train_batch_tokens"]
+    if trainer_cfg["max_steps"] > 0:
+        return int(trainer_cfg["max_steps"])
+    if trainer_cfg["target_flops"] > 0:
+        return max(round(trainer_cfg["target_flops"] / (flops_per_token * batch)), 1)
+    if trainer_cfg["target_param_data_ratio"] > 0:
+        return max(int(trainer_cfg["target_param_data_ratio"] * params) // batch, 1)
+    return None
+
+
+def run_rank(config: dict, info: dict) -> dict | None:
+    """Train on this rank; rank 0 returns (and writes) the summary."""
+    run_dir = Path(info["run_dir"])
+    rank = int(os.environ.get("RANK", "0"))
+    _configure_rank_logging(run_dir, rank)
+    if "PYTORCH_CUDA_ALLOC_CONF" not in os.environ:
+        # Fewer fragmentation stalls on long runs (nanochat's setting); must precede CUDA init.
+        os.environ["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
+    from speedrun.distributed import cleanup, init_distributed
+
+    ctx = init_distributed(config["trainer"]["device"])
+    try:
+        return _train(config, info, ctx, run_dir)
+    except BaseException as exc:
+        if not isinstance(exc, KeyboardInterrupt):
+            _log_failure(run_dir, ctx.rank, exc)
+        raise
+    finally:
+        cleanup(ctx)
+
+
+def _log_failure(run_dir: Path, rank: int, exc: BaseException) -> None:
+    """Any rank's traceback goes to train.log (the only file a non-zero rank ever writes)."""
+    text = "".join(traceback.format_exception(exc))
+    with open(run_dir / "train.log", "a") as f:
+        f.write(f"[rank {rank}] {text}")
+    if rank == 0:
+        print(text, file=sys.stderr)
+
+
+def _train(config: dict, info: dict, ctx, run_dir: Path) -> dict | None:
+    import numpy as np
+    import torch
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    from speedrun.config.validate import parse_compile, split_batch
+    from speedrun.sinks import build_sinks
+    from speedrun.summary import write_summary
+    from speedrun.trainer import Trainer, TrainerSettings
+
+    cfg = OmegaConf.create(config)
+    tc = config["trainer"]
+    seed = int(config["seed"])
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+    data = instantiate(cfg.data)
+    model = instantiate(cfg.model).to(ctx.device)
+    if ctx.device.type == "cuda":
+        model.cast_for_cuda_training()
+    vocab = data.vocab_size()
+    if vocab != config["model"]["vocab_size"]:
+        raise ValueError(
+            f"model.vocab_size={config['model']['vocab_size']} does not match the tokenizer's vocab {vocab} "
+            f"({data.tokenizer_path()}); set model.vocab_size={vocab}"
+        )
+    seq_len = config["data"]["seq_len"]
+    params = sum(p.numel() for p in model.parameters())
+    flops_per_token = model.flops_per_token(seq_len)
+    max_steps = resolve_max_steps(tc, flops_per_token, params)
+    max_wallclock_ms = 1000.0 * tc["max_wallclock_seconds"] if tc["max_wallclock_seconds"] > 0 else None
+    grad_accum, micro_tokens = split_batch(tc["train_batch_tokens"], tc["micro_batch_tokens"], ctx.world_size, seq_len)
+
+    optimizer = instantiate(cfg.optimizer)(model)
+    schedule = instantiate(cfg.schedule)(max_steps=max_steps, max_wallclock_ms=max_wallclock_ms)
+    settings = TrainerSettings(
+        run_dir=run_dir, seq_len=seq_len, train_batch_tokens=tc["train_batch_tokens"],
+        grad_accum_steps=grad_accum, micro_batch_tokens=micro_tokens, max_steps=max_steps,
+        max_wallclock_ms=max_wallclock_ms, warmup_steps=tc["warmup_steps"], val_every=tc["val_every"],
+        val_batch_tokens=tc["val_batch_tokens"], log_every=tc["log_every"],
+        checkpoint_every=tc["checkpoint_every"], checkpoint_every_seconds=tc["checkpoint_every_seconds"],
+        keep_checkpoints=tc["keep_checkpoints"], resume=str(tc["resume"]), resume_force=tc["resume_force"],
+        max_loss=tc["max_loss"], export=tc["export"], compile=parse_compile(tc["compile"], ctx.device.type == "cuda"),
+    )  # fmt: skip
+    if ctx.is_main:
+        log.info("data: %s", data.describe())
+        log.info("model_params:%d flops_per_token:%.3e", params, flops_per_token)
+        log.info("world_size:%d grad_accum_steps:%d micro_batch_tokens:%d", ctx.world_size, grad_accum, micro_tokens)
+        log.info(
+            "train_batch_tokens:%d seq_len:%d max_steps:%s max_wallclock_seconds:%s device:%s compile:%s",
+            tc["train_batch_tokens"], seq_len, max_steps, tc["max_wallclock_seconds"], ctx.device, settings.compile,
+        )  # fmt: skip
+    sinks = build_sinks(
+        logger_cfg=config["logger"], run_dir=run_dir, config=config, run_info=info, is_rank0=ctx.is_main,
+        total_steps=max_steps, max_wallclock_ms=max_wallclock_ms, log=log,
+    )  # fmt: skip
+    summary = {"status": "failed", "error": None}
+    try:
+        trainer = Trainer(model, optimizer, schedule, data, sinks, settings, ctx, config, flops_per_token)
+        summary = trainer.fit()
+    except BaseException as exc:
+        summary["error"] = f"{type(exc).__name__}: {exc}"
+        if isinstance(exc, KeyboardInterrupt):
+            summary["status"] = "interrupted"
+        raise
+    finally:
+        summary.update(seed=seed, overrides=info["overrides"], world_size=ctx.world_size)
+        summary.setdefault("error", None)
+        if ctx.is_main:
+            sinks.finish(summary)
+            write_summary(run_dir, summary)
+            log.info("summary: %s", run_dir / "summary.json")
+    return summary if ctx.is_main else None

@@ -1,0 +1,63 @@
+"""Start the ranks of one job: in this process, as N local processes, or under an external torchrun.
+
+The Hydra process hands every rank the already-resolved config (a plain dict), so no rank ever
+re-resolves it. N local ranks are started with torch.distributed's elastic launcher, which
+watches them: a rank that dies takes the whole job down instead of leaving the others waiting.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+
+# Set by this launcher in the ranks it starts, so they do not mistake themselves for ranks of an
+# external torchrun (both set RANK / WORLD_SIZE).
+INTERNAL_LAUNCH_ENV = "SPEEDRUN_INTERNAL_LAUNCH"
+
+
+def external_rank() -> int | None:
+    """This process's rank when an external torchrun (one node or many) started it, else None."""
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ and not os.environ.get(INTERNAL_LAUNCH_ENV):
+        return int(os.environ["RANK"])
+    return None
+
+
+def local_world_size(nproc_per_node: object) -> int:
+    """Ranks this job runs on: the external torchrun's world, or trainer.nproc_per_node."""
+    from speedrun.config.validate import parse_nproc
+
+    if external_rank() is not None:
+        return int(os.environ["WORLD_SIZE"])
+    cuda_devices = 0
+    if nproc_per_node == "auto":
+        import torch
+
+        cuda_devices = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return parse_nproc(nproc_per_node, cuda_devices)
+
+
+def launch(config: dict, info: dict, *, nproc: int, external: bool) -> dict | None:
+    """Run `speedrun.job.run_rank` on every rank; return rank 0's summary when it is local."""
+    from speedrun.job import run_rank
+
+    if external or nproc == 1:
+        return run_rank(config, info)
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    os.environ[INTERNAL_LAUNCH_ENV] = "1"  # inherited by the spawned ranks
+    launch_config = LaunchConfig(
+        min_nodes=1,
+        max_nodes=1,
+        nproc_per_node=nproc,
+        run_id=f"speedrun-{uuid.uuid4().hex[:8]}",
+        rdzv_backend="c10d",
+        rdzv_endpoint="127.0.0.1:0",
+        max_restarts=0,
+        monitor_interval=0.1,
+        start_method="spawn",
+    )
+    try:
+        results = elastic_launch(launch_config, run_rank)(config, info)
+    finally:
+        os.environ.pop(INTERNAL_LAUNCH_ENV, None)
+    return results.get(0)

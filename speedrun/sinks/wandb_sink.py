@@ -1,0 +1,135 @@
+"""Weights & Biases: one wandb run per training run, offline by default, plotted against tokens.
+
+Curves use `tokens` as their x-axis because steps are not comparable across sequence lengths or batch
+sizes. A wandb failure (not installed, not logged in, bad mode) costs one warning and nothing else:
+training goes on and the local files (metrics.jsonl, summary.json) still hold everything.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from speedrun.sinks.base import Sink
+
+log = logging.getLogger(__name__)
+
+# Record keys that wandb shows under another name, so that all training curves sit in the train/ section.
+RENAMED_KEYS = {"lr_scale": "train/lr_scale", "step_ms": "train/step_ms"}
+
+# summary.json fields that wandb shows under another name (next to the curves they conclude).
+RENAMED_SUMMARY_KEYS = {
+    "val_bpb": "val/bpb_final",
+    "val_loss": "val/loss_final",
+    "quant_val_bpb": "quant/val_bpb",
+    "quant_val_loss": "quant/val_loss",
+}
+
+
+def wandb_history_row(record: dict) -> dict:
+    """A metrics record as wandb logs it: None dropped, names mapped, train time in seconds alongside."""
+    row = {RENAMED_KEYS.get(key, key): value for key, value in record.items() if value is not None}
+    if "train_time_ms" in row:
+        row["train_time_s"] = row["train_time_ms"] / 1000
+    return row
+
+
+def wandb_summary(summary: dict) -> dict:
+    """The summary.json fields wandb can show as run summary values: numbers and strings, None dropped."""
+    return {
+        RENAMED_SUMMARY_KEYS.get(key, key): value
+        for key, value in summary.items()
+        if isinstance(value, (int, float, str))
+    }
+
+
+class WandbSink(Sink):
+    """Logs to a wandb run created in `run_dir/wandb/`. `mode` is wandb's: offline, online or disabled.
+
+    Each sink is its own run, also when a sweep runs several jobs one after another in one process.
+    If the run cannot be created, the sink warns once and does nothing (`active` is then False).
+    """
+
+    def __init__(
+        self,
+        *,
+        project: str,
+        entity: str | None,
+        mode: str,
+        run_dir: Path,
+        group: str | None,
+        job_type: str | None,
+        name: str | None,
+        tags: list[str],
+        config: dict,
+        notes: str | None = None,
+    ) -> None:
+        self.run: Any = None
+        # wandb logs its own traceback when init fails; the one warning below says the same in a line.
+        wandb_logger = logging.getLogger("wandb")
+        previous_level = wandb_logger.level
+        wandb_logger.setLevel(logging.CRITICAL)
+        try:
+            import wandb
+
+            self.run = wandb.init(
+                dir=run_dir,
+                mode=mode,
+                project=project,
+                entity=entity,
+                group=group,
+                job_type=job_type,
+                name=name,
+                tags=list(tags),
+                notes=notes,
+                config=config,
+                # Without this a second init in the same process returns the first, still-open run.
+                reinit="create_new",
+                settings=wandb.Settings(
+                    console="off",  # train.log already holds the output; no stdout/stderr capture
+                    silent=True,
+                    disable_git=True,
+                    save_code=False,
+                ),
+            )
+        except Exception as error:  # noqa: BLE001 - wandb must never stop training
+            log.warning(
+                "wandb is off for this run, metrics.jsonl and summary.json are still written: "
+                "wandb.init(mode=%r, project=%r) raised %s: %s; fix logger.mode or run `wandb login`, "
+                "or set logger=none",
+                mode,
+                project,
+                type(error).__name__,
+                " ".join(str(error).split()).rstrip("."),  # one line, even for multi-line errors
+            )
+            return
+        finally:
+            wandb_logger.setLevel(previous_level)
+        self.run.define_metric("tokens")
+        self.run.define_metric("train_time_s")
+        for section in ("train/*", "val/*", "quant/*"):
+            self.run.define_metric(section, step_metric="tokens")
+        self.run.define_metric("val/bpb", step_metric="tokens", summary="min")
+
+    @property
+    def active(self) -> bool:
+        return self.run is not None
+
+    def log(self, record: dict) -> None:
+        if self.run is not None:
+            self.run.log(wandb_history_row(record))
+
+    def finish(self, summary: dict) -> None:
+        if self.run is None:
+            return
+        run, self.run = self.run, None
+        run.summary.update(wandb_summary(summary))
+        run_file = run.settings.sync_file
+        run.finish(exit_code=0 if summary.get("status") == "completed" else 1)
+        if run.offline:
+            # So that the offline run is complete on disk when finish() returns, not only at process exit
+            # (a sweep runs its jobs one after another in one process; tests read the file back).
+            from speedrun.sinks.wandb_reader import wait_until_complete
+
+            wait_until_complete(run_file)

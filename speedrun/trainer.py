@@ -1,0 +1,423 @@
+"""The training loop and nothing else.
+
+The trainer receives built components (model, optimizer set, schedule, data source, sinks) and
+plain settings; it knows nothing of Hydra, so it can be driven from Python. Its loop follows the
+reference train_gpt.py: validation at step 0, every `val_every` steps and at the end; a wallclock
+cap measured on training time only; gradient accumulation to a global batch fixed in tokens.
+The loss is read back from the device only when it is logged, so the hot loop has no per-step
+host-device sync on GPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import gc
+import logging
+import math
+import resource
+import signal
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from speedrun import distributed as dist_utils
+from speedrun.checkpoint import CheckpointManager, config_differences, rng_state, set_rng_state
+from speedrun.distributed import DistContext
+from speedrun.eval import evaluate
+from speedrun.export import load_artifact, save_artifact
+from speedrun.flops import mfu
+
+log = logging.getLogger("speedrun")
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+@dataclass
+class TrainerSettings:
+    run_dir: Path
+    seq_len: int
+    train_batch_tokens: int
+    grad_accum_steps: int
+    micro_batch_tokens: int  # per rank, per micro-step
+    max_steps: int | None
+    max_wallclock_ms: float | None
+    warmup_steps: int = 0
+    val_every: int = 0
+    val_batch_tokens: int = 65536
+    log_every: int = 10
+    checkpoint_every: int = 0
+    checkpoint_every_seconds: float = 0.0
+    keep_checkpoints: int = 2
+    resume: str = "auto"
+    resume_force: bool = False
+    max_loss: float = 0.0
+    export: bool = True
+    compile: bool = False
+
+
+class StopRequest:
+    """SIGTERM / SIGINT set a flag; the loop finishes its step, checkpoints and stops."""
+
+    def __init__(self) -> None:
+        self.signal_name: str | None = None
+
+    def __call__(self, signum, frame) -> None:
+        self.signal_name = signal.Signals(signum).name
+
+    @contextlib.contextmanager
+    def installed(self):
+        if threading.current_thread() is not threading.main_thread():
+            yield self
+            return
+        previous = {sig: signal.signal(sig, self) for sig in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            yield self
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+
+def code_bytes() -> int:
+    """Size of the framework's source: what the reference counts as the submission's code."""
+    return sum(p.stat().st_size for p in PACKAGE_DIR.rglob("*.py"))
+
+
+class Trainer:
+    def __init__(self, model: nn.Module, optimizer, schedule, data, sinks, settings: TrainerSettings,
+                 ctx: DistContext, config: dict, flops_per_token: float | None = None):  # fmt: skip
+        self.model = model
+        self.optimizer = optimizer
+        self.schedule = schedule
+        self.data = data
+        self.sinks = sinks
+        self.s = settings
+        self.ctx = ctx
+        self.config = config
+        self.flops_per_token = flops_per_token
+        self.device = ctx.device
+        self.autocast_dtype = torch.bfloat16 if self.device.type == "cuda" else None
+        self.checkpoints = CheckpointManager(settings.run_dir / "checkpoints", settings.keep_checkpoints)
+        self.stop = StopRequest()
+        # Loop state, all of it saved in checkpoints.
+        self.step = 0
+        self.train_time_ms = 0.0
+        self.records_logged = 0
+        self.min_val_bpb = math.inf
+        self.last_val: tuple[float, float] | None = None
+
+    # ------------------------------------------------------------------ set-up
+
+    def _wrap(self) -> tuple[nn.Module, nn.Module]:
+        """(model for training steps, model for evaluation): compiled, then DDP when distributed."""
+        forward_model = self.model
+        if self.s.compile:
+            forward_model = torch.compile(self.model, dynamic=False, fullgraph=True)
+        train_model = forward_model
+        if self.ctx.distributed:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            device_ids = [self.ctx.local_rank] if self.device.type == "cuda" else None
+            train_model = DDP(forward_model, device_ids=device_ids, broadcast_buffers=False)
+        return train_model, forward_model
+
+    def _autocast(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
+
+    # ------------------------------------------------------------------ steps
+
+    def _train_step(self, train_model: nn.Module, loader, step: int, elapsed_ms: float) -> torch.Tensor:
+        """One optimizer step over the whole global batch; returns the mean loss (on device)."""
+        self.optimizer.prepare_step(step, self.schedule.lr_scale(step, elapsed_ms))
+        accum = self.s.grad_accum_steps
+        train_loss = torch.zeros((), device=self.device)
+        for micro_step in range(accum):
+            if self.ctx.distributed:
+                # Gradients are all-reduced once, on the last micro-step.
+                train_model.require_backward_grad_sync = micro_step == accum - 1
+            x, y = loader.next_batch(self.s.micro_batch_tokens)
+            with self._autocast():
+                loss = train_model(x, y)
+            train_loss += loss.detach()
+            (loss / accum).backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad()
+        return train_loss / accum
+
+    def _warmup(self, train_model: nn.Module, loader) -> None:
+        """Untimed steps that compile and warm every kernel, then restore the initial state so
+        measured training starts from the true initialisation (as the reference)."""
+        initial_model = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        initial_optim = copy.deepcopy(self.optimizer.state_dict())
+        initial_loader = loader.state_dict()
+        for i in range(self.s.warmup_steps):
+            self._train_step(train_model, loader, 0, 0.0)
+            log.info("warmup_step:%d/%d", i + 1, self.s.warmup_steps)
+        self.model.load_state_dict(initial_model, strict=True)
+        self.optimizer.load_state_dict(initial_optim)
+        self.optimizer.zero_grad()
+        loader.load_state_dict(initial_loader)
+
+    def _evaluate(self, eval_model: nn.Module, val_tokens, luts) -> tuple[float, float]:
+        per_rank_batch = self.s.val_batch_tokens // (self.ctx.world_size * self.s.grad_accum_steps)
+        per_rank_batch = max(per_rank_batch // self.s.seq_len, 1) * self.s.seq_len
+        return evaluate(
+            eval_model, val_tokens, luts, seq_len=self.s.seq_len, batch_tokens=per_rank_batch,
+            rank=self.ctx.rank, world_size=self.ctx.world_size, device=self.device,
+            autocast_dtype=self.autocast_dtype,
+        )  # fmt: skip
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+
+    # ------------------------------------------------------------------ logging
+
+    def _record(self, metrics: dict) -> None:
+        record = {
+            "step": self.step,
+            "tokens": self.step * self.s.train_batch_tokens,
+            "train_time_ms": round(self.train_time_ms, 3),
+            **metrics,
+        }
+        self.sinks.log(record)
+        self.records_logged += 1
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def _checkpoint_state(self, loader) -> dict:
+        return {
+            "step": self.step,
+            "train_time_ms": self.train_time_ms,
+            "records_logged": self.records_logged,
+            "min_val_bpb": self.min_val_bpb,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "loader": loader.state_dict(),
+            "rng": rng_state(),
+            "config": self.config,
+        }
+
+    def _save_checkpoint(self, loader) -> None:
+        """Rank 0 writes; a failed write is logged and training goes on (the previous one stays)."""
+        if not self.ctx.is_main:
+            return
+        try:
+            path = self.checkpoints.save(self._checkpoint_state(loader))
+            log.info("checkpoint: %s", path)
+        except OSError as exc:
+            log.warning("warning: checkpoint at step %d failed (%s); the previous one is kept", self.step, exc)
+
+    def _resume(self, loader) -> None:
+        found = None
+        if self.s.resume not in ("auto", "never", ""):
+            from speedrun.checkpoint import load_checkpoint
+
+            found = (load_checkpoint(self.s.resume), Path(self.s.resume))
+        elif self.s.resume == "auto":
+            found = self.checkpoints.load_latest()
+        if found is None:
+            return
+        state, path = found
+        differences = config_differences(state.get("config") or {}, self.config)
+        if differences and not self.s.resume_force:
+            raise ValueError(
+                f"checkpoint {path} was made with a different config ({'; '.join(differences)}); "
+                "resume with the same config, use a new run folder, or set trainer.resume_force=true"
+            )
+        self.model.load_state_dict(state["model"], strict=True)
+        self.optimizer.load_state_dict(state["optimizer"])
+        loader.load_state_dict(state["loader"])
+        set_rng_state(state["rng"])
+        self.step = int(state["step"])
+        self.train_time_ms = float(state["train_time_ms"])
+        self.records_logged = int(state["records_logged"])
+        self.min_val_bpb = float(state["min_val_bpb"])
+        if self.ctx.is_main:
+            truncate_lines(self.s.run_dir / "metrics.jsonl", self.records_logged)
+        log.info("resumed from %s at step %d (%.0f ms of training used)", path, self.step, self.train_time_ms)
+
+    # ------------------------------------------------------------------ the loop
+
+    def fit(self) -> dict:
+        """Train, evaluate, export; return the summary fields this run knows."""
+        s = self.s
+        train_model, eval_model = self._wrap()
+        val_tokens = self.data.load_val_tokens()
+        luts = self.data.byte_luts(self.device)
+        loader = self.data.train_loader(self.ctx.rank, self.ctx.world_size, self.device)
+        self.model.train()
+        if s.warmup_steps:
+            self._warmup(train_model, loader)
+        self._resume(loader)
+        # Everything allocated so far lives until the end: keep the collector from rescanning it.
+        gc.collect()
+        gc.freeze()
+        with self.stop.installed():
+            outcome = self._loop(train_model, eval_model, loader, val_tokens, luts)
+        return self._finish(outcome, eval_model, loader, val_tokens, luts)
+
+    def _loop(self, train_model, eval_model, loader, val_tokens, luts) -> dict:
+        s = self.s
+        outcome = {"status": "completed"}
+        stopping = False
+        last_log_time, last_log_step = self.train_time_ms, self.step
+        last_checkpoint_wall = time.monotonic()
+        warned = False
+        self._sync()
+        t0 = time.perf_counter()
+        while True:
+            last_step = stopping or (s.max_steps is not None and self.step >= s.max_steps)
+            if last_step or (s.val_every > 0 and self.step % s.val_every == 0):
+                self._sync()
+                self.train_time_ms += 1000.0 * (time.perf_counter() - t0)
+                val_loss, val_bpb = self._evaluate(eval_model, val_tokens, luts)
+                self.last_val = (val_loss, val_bpb)
+                self.min_val_bpb = min(self.min_val_bpb, val_bpb)
+                self._record({"val/loss": val_loss, "val/bpb": val_bpb})
+                self._sync()
+                t0 = time.perf_counter()
+            if last_step:
+                break
+
+            elapsed_ms = self.train_time_ms + 1000.0 * (time.perf_counter() - t0)
+            train_loss = self._train_step(train_model, loader, self.step, elapsed_ms)
+            self.step += 1
+            elapsed_ms = self.train_time_ms + 1000.0 * (time.perf_counter() - t0)
+            if not warned and self.step == 10:
+                warned = True
+                message = self.schedule.warning(self.step, elapsed_ms)
+                if message:
+                    log.warning("warning: %s", message)
+
+            # The loss is read back only when logged (and every step on CPU, where it is free).
+            should_log = s.log_every > 0 and (self.step <= 10 or self.step % s.log_every == 0)
+            loss_value = None
+            if should_log or self.device.type == "cpu":
+                loss_value = train_loss.item()
+                diverged = not math.isfinite(loss_value) or (s.max_loss > 0 and loss_value > s.max_loss)
+                if diverged:
+                    outcome = {"status": "diverged", "diverged_step": self.step, "diverged_loss": loss_value}
+                else:
+                    outcome["last_finite_loss"] = loss_value
+            if should_log:
+                interval_ms = max(elapsed_ms - last_log_time, 1e-9)
+                tok_per_sec = (self.step - last_log_step) * s.train_batch_tokens / (interval_ms / 1000.0)
+                self._record({
+                    "train/loss": loss_value,
+                    "train/tok_per_sec": tok_per_sec,
+                    "train/mfu": self._mfu(tok_per_sec),
+                    "lr_scale": self.schedule.lr_scale(self.step, elapsed_ms),
+                    "step_ms": interval_ms / max(self.step - last_log_step, 1),
+                    "train_time_ms": round(elapsed_ms, 3),
+                })  # fmt: skip
+                last_log_time, last_log_step = elapsed_ms, self.step
+
+            cap_reached = s.max_wallclock_ms is not None and elapsed_ms >= s.max_wallclock_ms
+            cap_reached, signalled, diverged = dist_utils.any_rank(
+                self.ctx, [cap_reached, self.stop.signal_name is not None, outcome["status"] == "diverged"]
+            )
+            if diverged:
+                outcome["status"] = "diverged"
+                log.error("diverged at step %d (loss %s); stopping", self.step, outcome.get("diverged_loss"))
+                break
+            due = (s.checkpoint_every > 0 and self.step % s.checkpoint_every == 0) or (
+                s.checkpoint_every_seconds > 0 and time.monotonic() - last_checkpoint_wall >= s.checkpoint_every_seconds
+            )
+            if signalled:
+                self._accumulate_time(t0)
+                self._save_checkpoint(loader)
+                log.warning("stopping at step %d on %s; checkpoint written", self.step, self.stop.signal_name or "signal")
+                return {**outcome, "status": "interrupted"}
+            if due:
+                self._accumulate_time(t0)
+                self._save_checkpoint(loader)
+                last_checkpoint_wall = time.monotonic()
+                t0 = time.perf_counter()
+            if cap_reached and not stopping:
+                stopping = True
+                log.info("stopping_early: wallclock_cap train_time:%.0fms step:%d", elapsed_ms, self.step)
+        self._accumulate_time(t0)
+        return outcome
+
+    def _accumulate_time(self, t0: float) -> None:
+        """Fold the time since t0 into train_time_ms (evaluation excluded, as the reference)."""
+        self._sync()
+        self.train_time_ms += 1000.0 * (time.perf_counter() - t0)
+
+    def _mfu(self, tok_per_sec: float) -> float | None:
+        if self.flops_per_token is None or self.device.type != "cuda":
+            return None
+        return mfu(tok_per_sec, self.flops_per_token, self.ctx.world_size, torch.cuda.get_device_name(self.device))
+
+    # ------------------------------------------------------------------ the end
+
+    def _finish(self, outcome: dict, eval_model, loader, val_tokens, luts) -> dict:
+        s = self.s
+        steps = self.step
+        tokens_seen = steps * s.train_batch_tokens
+        tok_per_sec = tokens_seen / (self.train_time_ms / 1000.0) if self.train_time_ms > 0 else None
+        summary = {
+            **outcome,
+            "val_loss": self.last_val[0] if self.last_val else None,
+            "val_bpb": self.last_val[1] if self.last_val else None,
+            "min_val_bpb": self.min_val_bpb if math.isfinite(self.min_val_bpb) else None,
+            "params": sum(p.numel() for p in self.model.parameters()),
+            "steps": steps,
+            "tokens_seen": tokens_seen,
+            "train_time_ms": round(self.train_time_ms, 3),
+            "step_avg_ms": self.train_time_ms / steps if steps else None,
+            "tok_per_sec": tok_per_sec,
+            "mfu": self._mfu(tok_per_sec) if tok_per_sec else None,
+            "peak_mem_mib": peak_memory_mib(self.device),
+            "world_size": self.ctx.world_size,
+        }
+        if outcome["status"] != "completed":
+            return summary
+        self._save_checkpoint(loader)
+        if s.export:
+            summary.update(self._export(eval_model, val_tokens, luts))
+        return summary
+
+    def _export(self, eval_model, val_tokens, luts) -> dict:
+        """Write the int8+zlib artifact (rank 0), then every rank evaluates its round trip."""
+        path = self.s.run_dir / "final_model.int8.ptz"
+        if self.ctx.is_main:
+            save_artifact(self.model.state_dict(), path)
+        dist_utils.barrier(self.ctx)
+        self.model.load_state_dict(load_artifact(path), strict=True)
+        quant_loss, quant_bpb = self._evaluate(eval_model, val_tokens, luts)
+        self._record({"quant/val_loss": quant_loss, "quant/val_bpb": quant_bpb})
+        model_bytes = path.stat().st_size
+        code = code_bytes()
+        log.info("final_int8_zlib_roundtrip val_loss:%.8f val_bpb:%.8f", quant_loss, quant_bpb)
+        log.info("artifact: model %d bytes + code %d bytes = %d bytes", model_bytes, code, model_bytes + code)
+        return {
+            "quant_val_loss": quant_loss,
+            "quant_val_bpb": quant_bpb,
+            "model_bytes": model_bytes,
+            "code_bytes": code,
+            "artifact_bytes": model_bytes + code,
+        }
+
+
+def peak_memory_mib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    # Linux reports ru_maxrss in KiB.
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def truncate_lines(path: Path, keep: int) -> None:
+    """Keep the first `keep` lines of a JSONL file: the records written before a checkpoint."""
+    if not path.exists():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    if len(lines) > keep:
+        path.write_text("".join(lines[:keep]))

@@ -1,0 +1,74 @@
+"""End-to-end runs through the real CLI (`python -m speedrun.train`), on the embedded corpus."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.conftest import read_metrics, read_summary, run_train
+
+pytestmark = pytest.mark.usefixtures("corpus")
+
+SUMMARY_FIELDS = {
+    "status", "val_loss", "val_bpb", "quant_val_loss", "quant_val_bpb", "model_bytes", "code_bytes",
+    "artifact_bytes", "params", "steps", "tokens_seen", "train_time_ms", "step_avg_ms", "tok_per_sec",
+    "mfu", "peak_mem_mib", "world_size", "seed", "overrides", "error",
+}  # fmt: skip
+
+
+def test_tiny_run_leaves_every_output_and_learns(tmp_path):
+    run_dir = tmp_path / "run"
+    run_train(run_dir, "trainer.max_steps=30", "trainer.val_every=15", "logger=wandb", "logger.mode=offline")
+
+    summary = read_summary(run_dir)
+    assert SUMMARY_FIELDS <= summary.keys()
+    assert summary["status"] == "completed" and summary["error"] is None
+    assert summary["steps"] == 30 and summary["tokens_seen"] == 30 * 1024
+    assert summary["mfu"] is None  # no GPU, no MFU
+    assert summary["artifact_bytes"] == summary["model_bytes"] + summary["code_bytes"]
+    assert (run_dir / "final_model.int8.ptz").stat().st_size == summary["model_bytes"]
+    assert (run_dir / ".hydra" / "config.yaml").exists() and (run_dir / "train.log").exists()
+    assert list((run_dir / "checkpoints").glob("step_*.pt"))
+    assert list((run_dir / "wandb").glob("offline-run-*"))
+
+    records = read_metrics(run_dir)
+    assert all({"step", "tokens", "train_time_ms"} <= r.keys() for r in records)
+    vals = [r for r in records if "val/bpb" in r]
+    assert [r["step"] for r in vals] == [0, 15, 30]
+    assert vals[-1]["val/bpb"] < 0.8 * vals[0]["val/bpb"], "validation bpb should fall well below step 0"
+    assert summary["val_bpb"] == pytest.approx(vals[-1]["val/bpb"])
+    assert abs(summary["quant_val_bpb"] - summary["val_bpb"]) < 0.05
+    assert any("train/loss" in r for r in records)
+    assert "final_int8_zlib_roundtrip" in (run_dir / "train.log").read_text()
+
+
+def test_wallclock_cap_stops_on_training_time(tmp_path):
+    run_dir = tmp_path / "run"
+    run_train(run_dir, "trainer.max_steps=0", "trainer.max_wallclock_seconds=2", "trainer.val_every=0",
+              "trainer.export=false")  # fmt: skip
+    summary = read_summary(run_dir)
+    assert summary["status"] == "completed"
+    assert 2000 <= summary["train_time_ms"] < 2000 + 5 * summary["step_avg_ms"] + 500
+    assert "stopping_early: wallclock_cap" in (run_dir / "train.log").read_text()
+
+
+def test_warmup_steps_restore_the_initial_state(tmp_path):
+    """Compile warm-up steps train for real, then restore weights, optimizer and data position:
+    the measured run must be identical to one without warm-up."""
+    common = ("trainer.max_steps=8", "trainer.val_every=4", "trainer.log_every=1", "trainer.export=false")
+    run_train(tmp_path / "plain", *common)
+    run_train(tmp_path / "warm", *common, "trainer.warmup_steps=3")
+    def losses(d):
+        return [(r["step"], r.get("train/loss"), r.get("val/loss")) for r in read_metrics(d)]
+    assert losses(tmp_path / "plain") == losses(tmp_path / "warm")
+    assert "warmup_step:3/3" in (tmp_path / "warm" / "train.log").read_text()
+
+
+def test_overrides_and_seed_are_recorded(tmp_path):
+    run_dir = tmp_path / "run"
+    run_train(run_dir, "trainer.max_steps=2", "trainer.val_every=0", "trainer.export=false", "seed=7")
+    summary = read_summary(run_dir)
+    assert summary["seed"] == 7
+    assert "seed=7" in summary["overrides"]
+    assert json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 2
