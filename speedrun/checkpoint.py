@@ -153,5 +153,6 @@ def config_differences(saved: dict, current: dict) -> list[str]:
     return [
         f"{k}: {a.get(k)!r} -> {b.get(k)!r}"
         for k in keys
-        if a.get(k) != b.get(k) and not any(k == p or (p.endswith(".") and k.startswith(p)) for p in RESUMABLE_CHANGES)
+        if a.get(k) != b.get(k)
+        and not any(k == p or (p.endswith(".") and k.startswith(p)) for p in RESUMABLE_CHANGES)
     ]

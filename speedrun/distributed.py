@@ -32,7 +32,9 @@ def pick_device(preference: str, local_rank: int) -> torch.device:
     if preference == "cpu" or (preference == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
     if not torch.cuda.is_available():
-        raise RuntimeError("trainer.device=cuda but no CUDA device is visible; use trainer.device=auto or cpu")
+        raise RuntimeError(
+            "trainer.device=cuda but no CUDA device is visible; use trainer.device=auto or cpu"
+        )
     return torch.device("cuda", local_rank)
 
 

@@ -90,7 +90,9 @@ def evaluate(
     byte_count = torch.zeros((), device=device, dtype=torch.float64)
     was_training = model.training
     model.eval()
-    with torch.inference_mode():
+    # no_grad, not inference_mode: tensors cached during evaluation (the RoPE tables) are reused
+    # by training steps, and inference tensors cannot be saved for backward.
+    with torch.no_grad():
         for batch_seq_start in range(seq_start, seq_end, local_batch_seqs):
             batch_seq_end = min(batch_seq_start + local_batch_seqs, seq_end)
             raw = val_tokens[batch_seq_start * seq_len : batch_seq_end * seq_len + 1]

@@ -6,6 +6,8 @@ starts. Rank 0 alone writes logs, metrics, checkpoints, artifacts and `summary.j
 
 from __future__ import annotations
 
+import functools
+import inspect
 import logging
 import os
 import random
@@ -104,9 +106,16 @@ def _train(config: dict, info: dict, ctx, run_dir: Path) -> dict | None:
     flops_per_token = model.flops_per_token(seq_len)
     max_steps = resolve_max_steps(tc, flops_per_token, params)
     max_wallclock_ms = 1000.0 * tc["max_wallclock_seconds"] if tc["max_wallclock_seconds"] > 0 else None
-    grad_accum, micro_tokens = split_batch(tc["train_batch_tokens"], tc["micro_batch_tokens"], ctx.world_size, seq_len)
+    grad_accum, micro_tokens = split_batch(
+        tc["train_batch_tokens"], tc["micro_batch_tokens"], ctx.world_size, seq_len
+    )
 
-    optimizer = instantiate(cfg.optimizer)(model)
+    compile_model = parse_compile(tc["compile"], ctx.device.type == "cuda")
+    optimizer_factory = instantiate(cfg.optimizer)
+    if "compile_newtonschulz" in inspect.signature(optimizer_factory.func).parameters:
+        # Muon's Newton-Schulz is compiled whenever the model is (the reference compiles both).
+        optimizer_factory = functools.partial(optimizer_factory, compile_newtonschulz=compile_model)
+    optimizer = optimizer_factory(model)
     schedule = instantiate(cfg.schedule)(max_steps=max_steps, max_wallclock_ms=max_wallclock_ms)
     settings = TrainerSettings(
         run_dir=run_dir, seq_len=seq_len, train_batch_tokens=tc["train_batch_tokens"],
@@ -115,12 +124,16 @@ def _train(config: dict, info: dict, ctx, run_dir: Path) -> dict | None:
         val_batch_tokens=tc["val_batch_tokens"], log_every=tc["log_every"],
         checkpoint_every=tc["checkpoint_every"], checkpoint_every_seconds=tc["checkpoint_every_seconds"],
         keep_checkpoints=tc["keep_checkpoints"], resume=str(tc["resume"]), resume_force=tc["resume_force"],
-        max_loss=tc["max_loss"], export=tc["export"], compile=parse_compile(tc["compile"], ctx.device.type == "cuda"),
+        max_loss=tc["max_loss"], export=tc["export"], compile=compile_model,
     )  # fmt: skip
     if ctx.is_main:
-        log.info("data: %s", data.describe())
         log.info("model_params:%d flops_per_token:%.3e", params, flops_per_token)
-        log.info("world_size:%d grad_accum_steps:%d micro_batch_tokens:%d", ctx.world_size, grad_accum, micro_tokens)
+        log.info(
+            "world_size:%d grad_accum_steps:%d micro_batch_tokens:%d",
+            ctx.world_size,
+            grad_accum,
+            micro_tokens,
+        )
         log.info(
             "train_batch_tokens:%d seq_len:%d max_steps:%s max_wallclock_seconds:%s device:%s compile:%s",
             tc["train_batch_tokens"], seq_len, max_steps, tc["max_wallclock_seconds"], ctx.device, settings.compile,

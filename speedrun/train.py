@@ -113,7 +113,13 @@ def _ensure_summary(run_dir: Path, info: dict, cfg: DictConfig, status: str, err
         return
     write_summary(
         run_dir,
-        {**(existing or {}), "status": status, "error": error, "seed": cfg.seed, "overrides": info["overrides"]},
+        {
+            **(existing or {}),
+            "status": status,
+            "error": error,
+            "seed": cfg.seed,
+            "overrides": info["overrides"],
+        },
     )
 
 

@@ -212,7 +212,9 @@ class Trainer:
             path = self.checkpoints.save(self._checkpoint_state(loader))
             log.info("checkpoint: %s", path)
         except OSError as exc:
-            log.warning("warning: checkpoint at step %d failed (%s); the previous one is kept", self.step, exc)
+            log.warning(
+                "warning: checkpoint at step %d failed (%s); the previous one is kept", self.step, exc
+            )
 
     def _resume(self, loader) -> None:
         found = None
@@ -328,12 +330,17 @@ class Trainer:
                 log.error("diverged at step %d (loss %s); stopping", self.step, outcome.get("diverged_loss"))
                 break
             due = (s.checkpoint_every > 0 and self.step % s.checkpoint_every == 0) or (
-                s.checkpoint_every_seconds > 0 and time.monotonic() - last_checkpoint_wall >= s.checkpoint_every_seconds
+                s.checkpoint_every_seconds > 0
+                and time.monotonic() - last_checkpoint_wall >= s.checkpoint_every_seconds
             )
             if signalled:
                 self._accumulate_time(t0)
                 self._save_checkpoint(loader)
-                log.warning("stopping at step %d on %s; checkpoint written", self.step, self.stop.signal_name or "signal")
+                log.warning(
+                    "stopping at step %d on %s; checkpoint written",
+                    self.step,
+                    self.stop.signal_name or "signal",
+                )
                 return {**outcome, "status": "interrupted"}
             if due:
                 self._accumulate_time(t0)
@@ -354,7 +361,9 @@ class Trainer:
     def _mfu(self, tok_per_sec: float) -> float | None:
         if self.flops_per_token is None or self.device.type != "cuda":
             return None
-        return mfu(tok_per_sec, self.flops_per_token, self.ctx.world_size, torch.cuda.get_device_name(self.device))
+        return mfu(
+            tok_per_sec, self.flops_per_token, self.ctx.world_size, torch.cuda.get_device_name(self.device)
+        )
 
     # ------------------------------------------------------------------ the end
 

@@ -32,12 +32,18 @@ def cli_env(**extra: str) -> dict:
     return env
 
 
-def run_train(run_dir: Path, *overrides: str, timeout: float = 240, check: bool = True, env: dict | None = None):
+def run_train(
+    run_dir: Path, *overrides: str, timeout: float = 240, check: bool = True, env: dict | None = None
+):
     """`python -m speedrun.train` as a user runs it, writing into run_dir."""
     cmd = [sys.executable, "-m", "speedrun.train", *TINY, *overrides, f"hydra.run.dir={run_dir}"]
-    proc = subprocess.run(cmd, cwd=REPO, env=env or cli_env(), capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(
+        cmd, cwd=REPO, env=env or cli_env(), capture_output=True, text=True, timeout=timeout
+    )
     if check and proc.returncode != 0:
-        raise AssertionError(f"exit {proc.returncode}\nstdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-4000:]}")
+        raise AssertionError(
+            f"exit {proc.returncode}\nstdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-4000:]}"
+        )
     return proc
 
 

@@ -147,7 +147,9 @@ def test_cfg_job_does_not_import_torch():
         "sys.argv = ['speedrun.train', 'model=pg_9x512', '--cfg', 'job']\n"
         "from speedrun.train import main\nmain()\n"
     )
-    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=cli_env(), capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, env=cli_env(), capture_output=True, text=True
+    )
     assert "num_layers: 9" in proc.stdout
     assert "NO_TORCH" in proc.stdout
 

@@ -59,8 +59,10 @@ def test_warmup_steps_restore_the_initial_state(tmp_path):
     common = ("trainer.max_steps=8", "trainer.val_every=4", "trainer.log_every=1", "trainer.export=false")
     run_train(tmp_path / "plain", *common)
     run_train(tmp_path / "warm", *common, "trainer.warmup_steps=3")
+
     def losses(d):
         return [(r["step"], r.get("train/loss"), r.get("val/loss")) for r in read_metrics(d)]
+
     assert losses(tmp_path / "plain") == losses(tmp_path / "warm")
     assert "warmup_step:3/3" in (tmp_path / "warm" / "train.log").read_text()
 

@@ -16,7 +16,9 @@ class ConfigError(ValueError):
     """A config that composes but cannot run."""
 
 
-def split_batch(train_batch_tokens: int, micro_batch_tokens: int, world_size: int, seq_len: int) -> tuple[int, int]:
+def split_batch(
+    train_batch_tokens: int, micro_batch_tokens: int, world_size: int, seq_len: int
+) -> tuple[int, int]:
     """Return (grad_accum_steps, micro_batch_tokens per rank) for a global batch fixed in tokens.
 
     ranks x accumulation x micro-batch = train_batch_tokens, so 1 rank and N ranks compute the
@@ -105,19 +107,30 @@ def validate_config(cfg: DictConfig, world_size: int = 1) -> None:
         f"trainer.val_batch_tokens={trainer.val_batch_tokens} must hold at least one sequence per rank "
         f"({data.seq_len} x {world_size}); raise it",
     )
-    for key in ("max_steps", "val_every", "log_every", "warmup_steps", "checkpoint_every", "keep_checkpoints"):
+    for key in (
+        "max_steps",
+        "val_every",
+        "log_every",
+        "warmup_steps",
+        "checkpoint_every",
+        "keep_checkpoints",
+    ):
         _require(trainer[key] >= 0, f"trainer.{key}={trainer[key]} must be >= 0")
     for key in ("max_wallclock_seconds", "target_flops", "target_param_data_ratio", "max_loss"):
         _require(trainer[key] >= 0, f"trainer.{key}={trainer[key]} must be >= 0 (0 = off)")
     _require(
-        any(trainer[k] > 0 for k in ("max_steps", "max_wallclock_seconds", "target_flops", "target_param_data_ratio")),
+        any(
+            trainer[k] > 0
+            for k in ("max_steps", "max_wallclock_seconds", "target_flops", "target_param_data_ratio")
+        ),
         "no training horizon: set trainer.max_steps, trainer.max_wallclock_seconds, trainer.target_flops "
         "or trainer.target_param_data_ratio",
     )
     parse_nproc(trainer.nproc_per_node, cuda_devices=1)
     parse_compile(trainer.compile, on_cuda=False)
     _require(
-        trainer.device in ("auto", "cpu", "cuda"), f"trainer.device={trainer.device!r} must be auto, cpu or cuda"
+        trainer.device in ("auto", "cpu", "cuda"),
+        f"trainer.device={trainer.device!r} must be auto, cpu or cuda",
     )
     _require(cfg.logger.kind in ("wandb", "none"), f"logger.kind={cfg.logger.kind!r} must be wandb or none")
     _require(
