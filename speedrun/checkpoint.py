@@ -2,16 +2,20 @@
 
 A checkpoint holds everything needed to continue bit for bit: model, optimizers, step, training
 time used, the data-stream position, every RNG state and the config. It is written to a temporary
-file, fsync'ed and renamed, so a crash mid-write never replaces a good checkpoint with a torn one,
-and loaded with `torch.load(weights_only=True)`, so a checkpoint file can never run code.
+file, fsync'ed and renamed, so a crash mid-write never replaces a good checkpoint with a torn one.
+Loading checks the zip container's CRC32s first (torch.load alone accepts flipped bits in tensor
+data), then uses `torch.load(weights_only=True)`, so a checkpoint file can never run code.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import pickle
 import random
 import re
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -45,7 +49,7 @@ RESUMABLE_CHANGES = (
 
 
 class CheckpointError(RuntimeError):
-    pass
+    """A checkpoint that cannot be used; the message names the file and the fix."""
 
 
 def rng_state() -> dict:
@@ -83,6 +87,8 @@ def _to_safe(obj):
 
 
 class CheckpointManager:
+    """`folder/step_NNNNNNNNN.pt`, newest first; a corrupt one is renamed `*.corrupt` when skipped."""
+
     def __init__(self, folder: str | os.PathLike, keep: int = 2):
         self.folder = Path(folder)
         self.keep = max(keep, 1)
@@ -102,37 +108,135 @@ class CheckpointManager:
         tmp = self.folder / f".{path.name}.tmp{os.getpid()}"
         try:
             with open(tmp, "wb") as f:
-                torch.save(state, f)
+                writer = _ErrorKeepingWriter(f)
+                try:
+                    torch.save(state, writer)
+                except RuntimeError as exc:
+                    if writer.error is None:
+                        raise
+                    raise writer.error from exc
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
         finally:
             tmp.unlink(missing_ok=True)
+        _fsync_dir(self.folder)  # the rename itself must survive a power cut
         for old in self.paths()[self.keep :]:
             old.unlink(missing_ok=True)
         return path
 
-    def load_latest(self) -> tuple[dict, Path] | None:
-        """The newest checkpoint that loads; a corrupt one is skipped with a warning."""
+    def load_latest(self, *, mmap: bool = False) -> tuple[dict, Path] | None:
+        """The newest checkpoint that loads. A corrupt one is renamed `<name>.corrupt` (kept for
+        inspection, but out of the rotation and of later resumes) with a warning."""
         for path in self.paths():
             try:
-                return load_checkpoint(path), path
+                return load_checkpoint(path, mmap=mmap), path
             except CheckpointError as exc:
-                log.warning("warning: %s; trying the previous checkpoint", exc)
+                aside = path.with_name(path.name + ".corrupt")
+                with contextlib.suppress(FileNotFoundError):  # another rank of this job set it aside first
+                    os.replace(path, aside)
+                log.warning("warning: %s; moved it to %s and trying the previous checkpoint", exc, aside.name)
         return None
 
 
-def load_checkpoint(path: str | os.PathLike) -> dict:
-    path = Path(path)
+class _ErrorKeepingWriter:
+    """torch.save turns a failed write into a bare RuntimeError ("unexpected pos"); this keeps the
+    OSError (disk full, file too large, ...) so the warning can say what really happened."""
+
+    def __init__(self, file) -> None:
+        self.file = file
+        self.error: OSError | None = None
+
+    def write(self, data) -> int:
+        try:
+            return self.file.write(data)
+        except OSError as exc:
+            self.error = exc
+            raise
+
+    def flush(self) -> None:
+        self.file.flush()
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise CheckpointError(f"checkpoint {path} not found") from None
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def load_checkpoint(path: str | os.PathLike, *, mmap: bool = False) -> dict:
+    """Load a checkpoint written by `CheckpointManager.save`, refusing torn, corrupt or foreign
+    files with a CheckpointError. `mmap=True` reads tensors lazily (enough to read the config)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} not found; check trainer.resume")
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad_member = archive.testzip()
+    except (zipfile.BadZipFile, OSError) as exc:
+        raise CheckpointError(f"checkpoint {path} is truncated or not a checkpoint ({exc})") from None
+    if bad_member is not None:
+        raise CheckpointError(f"checkpoint {path} is corrupt (CRC mismatch in {bad_member})")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as exc:
+        reason = " ".join(str(exc).split())[:200]
+        raise CheckpointError(
+            f"checkpoint {path} holds objects other than tensors and plain data, which could run code "
+            f"on load; refused ({reason})"
+        ) from None
     except Exception as exc:  # torch raises several types for torn or foreign files
-        raise CheckpointError(f"checkpoint {path} is unreadable ({type(exc).__name__})") from None
-    if not isinstance(state, dict) or not {"model", "optimizer", "step"} <= state.keys():
-        raise CheckpointError(f"checkpoint {path} is not a speedrun checkpoint")
+        raise CheckpointError(f"checkpoint {path} is unreadable ({type(exc).__name__}: {exc})") from None
+    if not isinstance(state, dict) or not {"model", "optimizer", "step", "config"} <= state.keys():
+        raise CheckpointError(
+            f"checkpoint {path} is not a speedrun checkpoint (missing model/optimizer/step)"
+        )
     return state
+
+
+def select_checkpoint(
+    manager: CheckpointManager, resume: str, config: dict, force: bool, *, mmap: bool = False
+) -> tuple[dict, Path] | None:
+    """The checkpoint a run continues from, or None to start afresh.
+
+    resume="auto": the newest valid checkpoint in the run's own folder; "never": none (refused
+    when the folder already holds checkpoints, which a fresh run would mix with its own); anything
+    else: a checkpoint file, or a run/checkpoints folder whose newest valid one is used. A config
+    that changes the run is refused, naming the keys, unless `force`.
+    """
+    if resume == "never":
+        if existing := manager.paths():
+            raise CheckpointError(
+                f"{manager.folder} already holds checkpoints (newest {existing[0].name}) and "
+                "trainer.resume=never would mix a fresh run into them; use a new run folder, "
+                "delete that folder, or set trainer.resume=auto to continue"
+            )
+        return None
+    if resume == "auto":
+        found = manager.load_latest(mmap=mmap)
+    else:
+        target = Path(resume).expanduser()
+        if target.is_dir():
+            folder = target / "checkpoints" if (target / "checkpoints").is_dir() else target
+            found = CheckpointManager(folder).load_latest(mmap=mmap)
+            if found is None:
+                raise CheckpointError(f"trainer.resume={resume}: no valid checkpoint in {folder}")
+        else:
+            found = load_checkpoint(target, mmap=mmap), target
+    if found is None:
+        return None
+    state, path = found
+    differences = config_differences(state.get("config") or {}, config)
+    if differences and not force:
+        raise CheckpointError(
+            f"checkpoint {path} was made with a different config ({'; '.join(differences)}); "
+            "resume with the same config, use a new run folder, or set trainer.resume_force=true"
+        )
+    if differences:
+        log.warning("warning: resuming %s despite config changes (%s)", path, "; ".join(differences))
+    return state, path
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:

@@ -266,74 +266,118 @@ def groups_section(groups: list[SeedGroup], metric: str, target: float | None, a
     return markdown_table(headers, rows)
 
 
+def short_key(key: str, keys: list[str]) -> str:
+    """`optimizer.matrix_lr` as `matrix_lr` when no other key ends the same way."""
+    leaf = key.rsplit(".", 1)[-1]
+    return leaf if sum(other.rsplit(".", 1)[-1] == leaf for other in keys) == 1 else key
+
+
+def curve_labels(jobs: list[Job], keys: list[str]) -> list[str]:
+    """A legend label per job: its swept values (short), else its folder name when they do not tell
+    the jobs apart (one job, or the same values in two sweeps)."""
+    labels = [", ".join(f"{short_key(k, keys)}={job.overrides.get(k)}" for k in keys) for job in jobs]
+    return labels if all(labels) and len(set(labels)) == len(labels) else [job.name for job in jobs]
+
+
+def zoom_past_start(axis: object, curves: list[list[dict]]) -> None:
+    """Fit the y-axis to the points after step 0: every run starts from the same untrained loss, and
+    that one high point would flatten the part of the curves where the runs differ."""
+    later = [r["val/bpb"] for curve in curves for r in curve if r.get("step", 0) > 0]
+    if not later:
+        return
+    low = min(r["val/bpb"] for curve in curves for r in curve)
+    high = max(later)
+    pad = 0.08 * (high - low) or 0.05
+    axis.set_ylim(low - pad, high + pad)
+
+
 def plot(jobs: list[Job], keys: list[str], metric: str, path: Path) -> None:
-    """val_bpb against tokens and against training time, one line per job; for a sweep over one key
-    (seeds aside), also the final metric against that key's values."""
+    """val_bpb against tokens and against training time, one line per job; for a sweep over one or two
+    keys (seeds aside), also the final metric against the first key (one line per value of the second)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     swept = [key for key in keys if key != "seed"]
-    panels = 3 if len(swept) == 1 else 2
-    figure, axes = plt.subplots(1, panels, figsize=(6 * panels, 4.5), squeeze=False)
+    panels = 3 if len(swept) in (1, 2) else 2
+    width = 6 * panels
+    figure, axes = plt.subplots(1, panels, figsize=(width, 4.5), squeeze=False)
     axes = axes[0]
-    for job in jobs:
+    curves = []
+    for job, label in zip(jobs, curve_labels(jobs, keys), strict=True):
         curve = [r for r in job.val_curve if math.isfinite(r["val/bpb"])]
         if not curve:
             continue
+        curves.append(curve)
         bpb = [r["val/bpb"] for r in curve]
-        axes[0].plot([r.get("tokens", 0) for r in curve], bpb, marker=".", label=job.name)
-        axes[1].plot([r.get("train_time_ms", 0) / 1000 for r in curve], bpb, marker=".", label=job.name)
+        (line,) = axes[0].plot([r.get("tokens", 0) for r in curve], bpb, marker=".", label=label)
+        axes[1].plot(
+            [r.get("train_time_ms", 0) / 1000 for r in curve], bpb, marker=".", color=line.get_color()
+        )
     for axis, xlabel in zip(axes[:2], ["tokens", "training time (s)"], strict=True):
         axis.set_xlabel(xlabel)
         axis.set_ylabel("val_bpb")
         axis.grid(alpha=0.3)
+        zoom_past_start(axis, curves)
     axes[0].set_title("val_bpb vs tokens")
     axes[1].set_title("val_bpb vs training time")
-    if axes[0].lines:
-        axes[0].legend(fontsize="x-small" if len(jobs) > 8 else "small")
+    legend_rows = 0
+    if curves:
+        # One legend for both curve panels, below them, in as many columns as the labels allow.
+        handles, labels = axes[0].get_legend_handles_labels()
+        columns = max(1, min(len(labels), int(width / (0.075 * max(map(len, labels)) + 0.7))))
+        legend_rows = math.ceil(len(labels) / columns)
+        figure.legend(handles, labels, loc="lower center", ncol=columns, fontsize="small", frameon=False)
     else:
         axes[0].text(
             0.5, 0.5, "no val/bpb records in metrics.jsonl", ha="center", transform=axes[0].transAxes
         )
     if panels == 3:
-        plot_final_vs_swept(axes[2], jobs, swept[0], metric)
-    figure.tight_layout()
+        plot_final_vs_swept(axes[2], jobs, swept, metric)
+    figure.tight_layout(rect=(0, min(0.06 * legend_rows + 0.01, 0.5), 1, 1))
     figure.savefig(path, dpi=110)
     plt.close(figure)
 
 
-def plot_final_vs_swept(axis: object, jobs: list[Job], key: str, metric: str) -> None:
+def plot_final_vs_swept(axis: object, jobs: list[Job], swept: list[str], metric: str) -> None:
+    """The final metric against swept[0]; with a second swept key, one line per value of it."""
+    key, series_key = swept[0], (swept[1] if len(swept) > 1 else None)
     points = [
-        (job.overrides.get(key), job.number(metric))
+        (job.overrides.get(key), job.overrides.get(series_key) if series_key else None, job.number(metric))
         for job in jobs
         if job.status == COMPLETED and job.number(metric) is not None and job.overrides.get(key) is not None
     ]
     try:
-        numeric = [(float(x), y) for x, y in points]
-    except ValueError:
-        numeric = None
-    if numeric is None:  # categorical values (model=small,medium): evenly spaced, in sorted order
-        categories = sorted({x for x, _ in points}, key=natural_key)
-        numeric = [(categories.index(x), y) for x, y in points]
+        xs_of = {x: float(x) for x, _, _ in points}
+    except ValueError:  # categorical values (model=small,medium): evenly spaced, in sorted order
+        categories = sorted({x for x, _, _ in points}, key=natural_key)
+        xs_of = {x: float(categories.index(x)) for x in categories}
         axis.set_xticks(range(len(categories)), categories, rotation=30)
-    elif (
-        numeric
-        and min(x for x, _ in numeric) > 0
-        and max(x for x, _ in numeric) > 10 * min(x for x, _ in numeric)
-    ):
-        axis.set_xscale("log")
-    axis.scatter([x for x, _ in numeric], [y for _, y in numeric], alpha=0.6)
-    # With several seeds per value, the line joins the means.
-    by_x: dict[float, list[float]] = {}
-    for x, y in numeric:
-        by_x.setdefault(x, []).append(y)
-    xs = sorted(by_x)
-    axis.plot(xs, [sum(by_x[x]) / len(by_x[x]) for x in xs])
+    else:
+        values = list(xs_of.values())
+        if values and min(values) > 0 and max(values) > 10 * min(values):
+            axis.set_xscale("log")
+            axis.minorticks_off()
+        if len(set(values)) <= 8:  # ticks at the swept values, written as on the command line
+            ticks = {value: text for text, value in sorted(xs_of.items(), reverse=True)}
+            axis.set_xticks(list(ticks), list(ticks.values()))
+    series = sorted({s for _, s, _ in points}, key=lambda s: natural_key(str(s)))
+    for name in series:
+        # Several seeds per value: the dots are the runs, the line joins their means.
+        by_x: dict[float, list[float]] = {}
+        for x, s, y in points:
+            if s == name:
+                by_x.setdefault(xs_of[x], []).append(y)
+        label = f"{short_key(series_key, swept)}={name}" if series_key else None
+        (line,) = axis.plot(sorted(by_x), [sum(by_x[x]) / len(by_x[x]) for x in sorted(by_x)], label=label)
+        dots = [(x, y) for x, ys in by_x.items() for y in ys]
+        axis.scatter([x for x, _ in dots], [y for _, y in dots], alpha=0.6, color=line.get_color())
+    if series_key and points:
+        axis.legend(fontsize="small")
     axis.set_xlabel(key)
     axis.set_ylabel(f"final {metric}")
-    axis.set_title(f"final {metric} vs {key}")
+    axis.set_title(f"final {metric} vs {short_key(key, swept)}")
     axis.grid(alpha=0.3)
 
 

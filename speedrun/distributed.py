@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -63,6 +64,39 @@ def any_rank(ctx: DistContext, flags: list[bool]) -> list[bool]:
     t = torch.tensor([int(f) for f in flags], dtype=torch.int32)
     dist.all_reduce(t, op=dist.ReduceOp.MAX, group=ctx.control_group)
     return [bool(v) for v in t.tolist()]
+
+
+def mean_over_ranks(ctx: DistContext, value: torch.Tensor) -> torch.Tensor:
+    """The mean of a scalar over all ranks, on its device: each rank holds an equal share of the batch,
+    so the mean of the ranks' means is the global batch's mean (what 1 rank would compute)."""
+    if not ctx.distributed:
+        return value
+    value = value.clone()
+    dist.all_reduce(value, op=dist.ReduceOp.SUM)
+    return value / ctx.world_size
+
+
+FIRST_FAILURE_KEY = "speedrun/first_failure"
+
+
+def first_failure(ctx: DistContext, message: str) -> str:
+    """Record this rank's failure unless another rank's came first; return the first one.
+
+    A rank that raises makes its peers fail too, in whatever collective they were in; rank 0 must
+    report the cause, not its own broken all-reduce. The rendezvous store is the one place every
+    rank, on every node, can still reach: under torchrun or our launcher the elastic agent holds
+    it and outlives the ranks (with a bare env:// start rank 0 holds it; then each rank has only
+    its own error).
+    """
+    if not ctx.distributed:
+        return message
+    entry = f"rank {ctx.rank} failed: {message}"
+    try:
+        store = dist.distributed_c10d._get_default_store()
+        store.set_timeout(timedelta(seconds=10))  # this rank is failing: never wait long on a dead store
+        return store.compare_set(FIRST_FAILURE_KEY, "", entry).decode()
+    except Exception:  # noqa: BLE001 - the store may have died with the rank that hosted it
+        return entry
 
 
 def broadcast_object(ctx: DistContext, obj: object) -> object:

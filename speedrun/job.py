@@ -11,9 +11,12 @@ import inspect
 import logging
 import os
 import random
+import signal
 import sys
 import traceback
 from pathlib import Path
+
+from speedrun.launch import INTERNAL_LAUNCH_ENV
 
 log = logging.getLogger("speedrun")
 
@@ -51,17 +54,26 @@ def run_rank(config: dict, info: dict) -> dict | None:
     if "PYTORCH_CUDA_ALLOC_CONF" not in os.environ:
         # Fewer fragmentation stalls on long runs (nanochat's setting); must precede CUDA init.
         os.environ["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
-    from speedrun.distributed import cleanup, init_distributed
+    from speedrun.distributed import cleanup, first_failure, init_distributed
 
     ctx = init_distributed(config["trainer"]["device"])
     try:
-        return _train(config, info, ctx, run_dir)
+        summary = _train(config, info, ctx, run_dir)
     except BaseException as exc:
         if not isinstance(exc, KeyboardInterrupt):
+            first_failure(ctx, f"{type(exc).__name__}: {exc}")
             _log_failure(run_dir, ctx.rank, exc)
+        # The process group is left to process exit: tearing it down here would break the other
+        # ranks' collectives before the launcher has recorded this rank's error, hiding which rank
+        # failed first; and NCCL's teardown can hang while a peer is dead.
         raise
-    finally:
-        cleanup(ctx)
+    cleanup(ctx)
+    if summary["status"] == "interrupted" and os.environ.get(INTERNAL_LAUNCH_ENV):
+        # A rank of our elastic launcher that returns waits for the launcher to collect every
+        # rank's result, which a launcher shutting down on a signal never does: it would SIGKILL
+        # the rank 30 s later. Stopped by a signal, the rank exits at once, as killed by SIGTERM.
+        sys.exit(128 + signal.SIGTERM)
+    return summary if ctx.is_main else None
 
 
 def _log_failure(run_dir: Path, rank: int, exc: BaseException) -> None:
@@ -73,13 +85,14 @@ def _log_failure(run_dir: Path, rank: int, exc: BaseException) -> None:
         print(text, file=sys.stderr)
 
 
-def _train(config: dict, info: dict, ctx, run_dir: Path) -> dict | None:
+def _train(config: dict, info: dict, ctx, run_dir: Path) -> dict:
     import numpy as np
     import torch
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
     from speedrun.config.validate import parse_compile, split_batch
+    from speedrun.distributed import first_failure
     from speedrun.sinks import build_sinks
     from speedrun.summary import write_summary
     from speedrun.trainer import Trainer, TrainerSettings
@@ -117,13 +130,15 @@ def _train(config: dict, info: dict, ctx, run_dir: Path) -> dict | None:
         optimizer_factory = functools.partial(optimizer_factory, compile_newtonschulz=compile_model)
     optimizer = optimizer_factory(model)
     schedule = instantiate(cfg.schedule)(max_steps=max_steps, max_wallclock_ms=max_wallclock_ms)
+    # run_job picked the checkpoint once, in the parent, for every rank (None when driven directly).
+    resume = info.get("resume") or str(tc["resume"])
     settings = TrainerSettings(
         run_dir=run_dir, seq_len=seq_len, train_batch_tokens=tc["train_batch_tokens"],
         grad_accum_steps=grad_accum, micro_batch_tokens=micro_tokens, max_steps=max_steps,
         max_wallclock_ms=max_wallclock_ms, warmup_steps=tc["warmup_steps"], val_every=tc["val_every"],
         val_batch_tokens=tc["val_batch_tokens"], log_every=tc["log_every"],
         checkpoint_every=tc["checkpoint_every"], checkpoint_every_seconds=tc["checkpoint_every_seconds"],
-        keep_checkpoints=tc["keep_checkpoints"], resume=str(tc["resume"]), resume_force=tc["resume_force"],
+        keep_checkpoints=tc["keep_checkpoints"], resume=resume, resume_force=tc["resume_force"],
         max_loss=tc["max_loss"], export=tc["export"], compile=compile_model,
     )  # fmt: skip
     if ctx.is_main:
@@ -150,6 +165,9 @@ def _train(config: dict, info: dict, ctx, run_dir: Path) -> dict | None:
         summary["error"] = f"{type(exc).__name__}: {exc}"
         if isinstance(exc, KeyboardInterrupt):
             summary["status"] = "interrupted"
+        else:
+            # Rank 0 reports the rank that failed first (maybe itself), not its own broken collective.
+            summary["error"] = first_failure(ctx, summary["error"])
         raise
     finally:
         summary.update(seed=seed, overrides=info["overrides"], world_size=ctx.world_size)
@@ -158,4 +176,4 @@ def _train(config: dict, info: dict, ctx, run_dir: Path) -> dict | None:
             sinks.finish(summary)
             write_summary(run_dir, summary)
             log.info("summary: %s", run_dir / "summary.json")
-    return summary if ctx.is_main else None
+    return summary

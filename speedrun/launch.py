@@ -7,6 +7,7 @@ watches them: a rank that dies takes the whole job down instead of leaving the o
 
 from __future__ import annotations
 
+import math
 import os
 import uuid
 
@@ -20,6 +21,22 @@ def external_rank() -> int | None:
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ and not os.environ.get(INTERNAL_LAUNCH_ENV):
         return int(os.environ["RANK"])
     return None
+
+
+def adopt_slurm_task() -> None:
+    """Make each task of a multi-task SLURM job (`hydra/launcher=slurm`) one rank of the job.
+
+    hydra-submitit-launcher runs the whole Hydra job in every task (one per GPU); submitit derives
+    the torch.distributed variables from SLURM's (RANK = SLURM_PROCID, master = the first node), after
+    which a task is an external rank exactly like one that torchrun started.
+    """
+    if os.environ.get("SUBMITIT_EXECUTOR") != "slurm" or "RANK" in os.environ:
+        return
+    if int(os.environ.get("SLURM_NTASKS", "1")) <= 1:
+        return
+    from submitit.helpers import TorchDistributedEnvironment
+
+    TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
 
 
 def local_world_size(nproc_per_node: object) -> int:
@@ -56,8 +73,43 @@ def launch(config: dict, info: dict, *, nproc: int, external: bool) -> dict | No
         monitor_interval=0.1,
         start_method="spawn",
     )
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
     try:
         results = elastic_launch(launch_config, run_rank)(config, info)
+    except ChildFailedError as exc:
+        raise RankFailure(*_root_cause(exc)) from None
     finally:
         os.environ.pop(INTERNAL_LAUNCH_ENV, None)
     return results.get(0)
+
+
+class RankFailure(RuntimeError):
+    """A rank of an N-rank job raised: the launcher stopped the others; this names the first."""
+
+    def __init__(self, rank: int, message: str):
+        super().__init__(f"rank {rank} failed: {message} (traceback in train.log)")
+        self.rank = rank
+
+
+def _root_cause(exc) -> tuple[int, str]:
+    """(rank, message) of the failure that came first, from a ChildFailedError.
+
+    The elastic launcher's own choice compares whole-second timestamps, so a rank that failed only
+    because a peer died (its collective broke) can tie with, and win over, the real culprit. The
+    error files' modification times order them properly: a rank writes its error before it exits,
+    and its peers' collectives break only once it has exited.
+    """
+
+    def written_ns(item) -> float:
+        path = item[1].error_file
+        return os.stat(path).st_mtime_ns if os.path.isfile(path) else math.inf
+
+    rank, failure = min(exc.failures.items(), key=written_ns)
+    if not os.path.isfile(failure.error_file):  # killed by a signal, or exited without a Python error
+        return rank, failure.message if failure.exitcode < 0 else f"exited with code {failure.exitcode}"
+    message = failure.message
+    if isinstance(message, dict):  # written by elastic's @record: {"message": ..., "extraInfo": ...}
+        message = message.get("message", "")
+    lines = str(message).strip().splitlines()
+    return rank, lines[0] if lines else f"exited with code {failure.exitcode}"

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 from datetime import datetime
 from pathlib import Path
@@ -19,13 +20,17 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from speedrun.config import ConfigError, register_configs, validate_config
+from speedrun.config import register_configs, validate_config
 from speedrun.config.resolvers import register_resolvers
 from speedrun.summary import read_summary, write_summary
 
 log = logging.getLogger("speedrun")
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+
+# At import, not only in main(): a launcher plugin (submitit) unpickles `hydra_main` in a fresh
+# process where main() never ran, and names the job's output folder there with these resolvers.
+register_resolvers()
 
 
 def _torchrun_overrides(argv: list[str]) -> list[str]:
@@ -44,7 +49,8 @@ def _torchrun_overrides(argv: list[str]) -> list[str]:
         run_id = os.environ.get("TORCHELASTIC_RUN_ID", "run")
         extra.append(f"hydra.run.dir=outputs/{datetime.now():%Y-%m-%d}/torchrun-{run_id}")
     if rank != 0:
-        extra += ["hydra.output_subdir=null", "hydra/job_logging=none", "hydra/hydra_logging=none"]
+        # (Hydra's job logging is still set up from conf/config.yaml: run_job silences it.)
+        extra += ["hydra.output_subdir=null", "hydra/hydra_logging=none"]
     return extra
 
 
@@ -53,43 +59,89 @@ def _run_info(cfg: DictConfig) -> dict:
     hc = HydraConfig.get()
     multirun = hc.mode is not None and hc.mode.name == "MULTIRUN"
     choices = dict(hc.runtime.choices)
+    # The preset (`+sweep=lr`), else a search sweeper's config (`hydra/sweeper=optuna_lr`); a plain
+    # `-m key=a,b` grid has neither.
+    sweeper = choices.get("hydra/sweeper")
+    preset = choices.get("sweep") or (sweeper if sweeper not in (None, "basic") else None)
     return {
         "run_dir": hc.runtime.output_dir,
         "overrides": list(hc.overrides.task),
         "sweep_dir_name": Path(hc.sweep.dir).name if multirun else None,
-        "sweep_preset": choices.get("sweep") if multirun else None,
+        "sweep_preset": preset if multirun else None,
         "job_name": Path(hc.runtime.output_dir).name if multirun else None,
         "multirun": multirun,
     }
 
 
-def run_job(cfg: DictConfig) -> float | None:
-    """Run one job (one run folder); return final val_bpb for sweepers (None if it failed)."""
-    from speedrun.launch import external_rank, launch, local_world_size
+def run_job(cfg: DictConfig) -> float:
+    """Run one job (one run folder); return the final val_bpb for sweepers (NaN if it failed)."""
+    from speedrun.launch import RankFailure, adopt_slurm_task, external_rank, launch, local_world_size
 
+    adopt_slurm_task()
     info = _run_info(cfg)
     run_dir = Path(info["run_dir"])
     external = external_rank() is not None
+    if external and external_rank() != 0:
+        _silence_logging()
+    ended_early = False  # this job raised: whatever summary.json says, it did not complete
     try:
         world_size = local_world_size(cfg.trainer.nproc_per_node)
         validate_config(cfg, world_size)
         config = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+        info["resume"] = _choose_checkpoint(config, run_dir)
         if not external or external_rank() == 0:
             _prepare_data(cfg)
         launch(config, info, nproc=world_size, external=external)
     except KeyboardInterrupt:
-        _ensure_summary(run_dir, info, cfg, "interrupted", "interrupted by the user")
+        ended_early = True
+        if not external or external_rank() == 0:
+            _ensure_summary(run_dir, info, cfg, "interrupted", "interrupted by the user")
     except Exception as exc:  # noqa: BLE001 - every failure must end in summary.json, then re-raise
-        message = _one_line(exc)
+        ended_early = True
+        # A failed rank's own error replaces rank 0's summary, which may only have seen its
+        # collective break (or the launcher's SIGTERM) because of that rank.
+        rank_failed = isinstance(exc, RankFailure)
+        message = str(exc) if rank_failed else _one_line(exc)
         log.error("error: %s", message)
-        _ensure_summary(run_dir, info, cfg, "failed", message)
+        if not external or external_rank() == 0:  # rank 0 alone writes summary.json
+            _ensure_summary(run_dir, info, cfg, "failed", message, replace=rank_failed)
+    if external and external_rank() != 0:
+        # Another rank of an external torchrun: a failure must show in this process's exit code,
+        # so that torchrun stops the job and names this rank; rank 0 reports the rest.
+        if ended_early and not info["multirun"]:
+            sys.exit(1)
+        return None
     summary = read_summary(run_dir)
-    status = summary.get("status") if summary else "failed"
-    if status != "completed" and not info["multirun"] and (not external or external_rank() == 0):
+    # A reused run folder may hold an earlier attempt's summary: it must not turn this failure into success.
+    status = summary.get("status") if summary and not ended_early else "failed"
+    if status != "completed" and not info["multirun"]:
         # A single run reports failure through its exit code; in a sweep the other jobs go on
         # and the sweep-end callback lists the failures.
         sys.exit(1)
-    return summary.get("val_bpb") if summary else None
+    # Sweepers (Optuna) need a float for every job: NaN marks a job that did not complete.
+    return summary["val_bpb"] if status == "completed" and summary.get("val_bpb") is not None else float("nan")
+
+
+def _silence_logging() -> None:
+    """Ranks other than 0 of an external launch (torchrun, SLURM tasks) log nothing: Hydra set up its
+    console and train.log handlers in every process. Warnings and errors still reach stderr."""
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+        handler.close()
+
+
+def _choose_checkpoint(config: dict, run_dir: Path) -> str:
+    """The checkpoint this job continues from ("never" for a fresh start), chosen once here,
+    before any rank starts or any file is written: a corrupt checkpoint is set aside with one
+    warning, and a config that changes the run is refused in one line."""
+    from speedrun.checkpoint import CheckpointManager, select_checkpoint
+
+    tc = config["trainer"]
+    manager = CheckpointManager(run_dir / "checkpoints")
+    # mmap: only the config is read here; the ranks load the tensors.
+    found = select_checkpoint(manager, str(tc["resume"]), config, tc["resume_force"], mmap=True)
+    return str(found[1]) if found else "never"
 
 
 def _prepare_data(cfg: DictConfig) -> None:
@@ -106,10 +158,15 @@ def _one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
 
 
-def _ensure_summary(run_dir: Path, info: dict, cfg: DictConfig, status: str, error: str) -> None:
-    """Write summary.json for a job that ended before rank 0 could (keeping rank 0's if it did)."""
+def _ensure_summary(
+    run_dir: Path, info: dict, cfg: DictConfig, status: str, error: str, replace: bool = False
+) -> None:
+    """Write summary.json for a job that ended before rank 0 could (keeping rank 0's if it did,
+    unless `replace`: then its status and error are overwritten, its measurements kept). Rank 0's
+    `interrupted` always stands: all ranks agreed on that stop, so none of them had crashed."""
     existing = read_summary(run_dir)
-    if existing and existing.get("status") not in (None, "running"):
+    status_written = existing.get("status") if existing else None
+    if status_written not in (None, "running") and (not replace or status_written == "interrupted"):
         return
     write_summary(
         run_dir,
@@ -124,20 +181,22 @@ def _ensure_summary(run_dir: Path, info: dict, cfg: DictConfig, status: str, err
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
-def hydra_main(cfg: DictConfig) -> float | None:
+def hydra_main(cfg: DictConfig) -> float:
     return run_job(cfg)
 
 
+def _sigterm_as_interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
 def main() -> None:
+    # Outside the training loop (start-up, export) SIGTERM acts as Ctrl-C, so a pre-empted job still
+    # ends with summary.json saying `interrupted`; the loop installs its own finish-the-step handler.
+    signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
     os.environ.setdefault("SPEEDRUN_ORIG_CWD", os.getcwd())
     register_configs()
-    register_resolvers()
     sys.argv += _torchrun_overrides(sys.argv[1:])
-    try:
-        hydra_main()
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
+    hydra_main()
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ import resource
 import signal
 import threading
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +27,7 @@ import torch
 from torch import nn
 
 from speedrun import distributed as dist_utils
-from speedrun.checkpoint import CheckpointManager, config_differences, rng_state, set_rng_state
+from speedrun.checkpoint import CheckpointManager, rng_state, select_checkpoint, set_rng_state
 from speedrun.distributed import DistContext
 from speedrun.eval import evaluate
 from speedrun.export import load_artifact, save_artifact
@@ -61,12 +62,17 @@ class TrainerSettings:
 
 
 class StopRequest:
-    """SIGTERM / SIGINT set a flag; the loop finishes its step, checkpoints and stops."""
+    """SIGTERM / SIGINT set a flag; the loop finishes its step, checkpoints and stops.
+
+    A second Ctrl-C means "now": it raises KeyboardInterrupt without waiting for the step.
+    """
 
     def __init__(self) -> None:
         self.signal_name: str | None = None
 
     def __call__(self, signum, frame) -> None:
+        if self.signal_name is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
         self.signal_name = signal.Signals(signum).name
 
     @contextlib.contextmanager
@@ -109,6 +115,7 @@ class Trainer:
         self.records_logged = 0
         self.min_val_bpb = math.inf
         self.last_val: tuple[float, float] | None = None
+        self.checkpointed_step = -1  # the step of the newest checkpoint on disk, so none is written twice
 
     # ------------------------------------------------------------------ set-up
 
@@ -122,7 +129,14 @@ class Trainer:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
             device_ids = [self.ctx.local_rank] if self.device.type == "cuda" else None
-            train_model = DDP(forward_model, device_ids=device_ids, broadcast_buffers=False)
+            # The buffers (rotary caches) are the same on every rank: no broadcast each forward.
+            # Torch 2.13 renamed the flag (forward_sync_buffers); the old name works on every
+            # supported torch (>= 2.4), so its deprecation notice is silenced rather than followed.
+            with warnings.catch_warnings():
+                warnings.filterwarnings(
+                    "ignore", message="`broadcast_buffers` is deprecated", category=FutureWarning
+                )
+                train_model = DDP(forward_model, device_ids=device_ids, broadcast_buffers=False)
         return train_model, forward_model
 
     def _autocast(self):
@@ -205,45 +219,47 @@ class Trainer:
         }
 
     def _save_checkpoint(self, loader) -> None:
-        """Rank 0 writes; a failed write is logged and training goes on (the previous one stays)."""
+        """Rank 0 writes; a failed write (disk full, quota, permissions) costs a warning and
+        training goes on: the previous checkpoint is untouched and still resumes the run."""
+        if self.checkpointed_step == self.step:
+            return
+        self.checkpointed_step = self.step
         if not self.ctx.is_main:
             return
         try:
             path = self.checkpoints.save(self._checkpoint_state(loader))
             log.info("checkpoint: %s", path)
         except OSError as exc:
+            reason = " ".join(str(exc).split())[:200]
+            previous = self.checkpoints.paths()
             log.warning(
-                "warning: checkpoint at step %d failed (%s); the previous one is kept", self.step, exc
-            )
+                "warning: checkpoint at step %d failed (%s: %s); training goes on and %s; "
+                "free space or fix permissions in %s",
+                self.step, type(exc).__name__, reason,
+                f"{previous[0].name} is still the newest" if previous else "there is no checkpoint yet",
+                self.checkpoints.folder,
+            )  # fmt: skip
 
     def _resume(self, loader) -> None:
-        found = None
-        if self.s.resume not in ("auto", "never", ""):
-            from speedrun.checkpoint import load_checkpoint
-
-            found = (load_checkpoint(self.s.resume), Path(self.s.resume))
-        elif self.s.resume == "auto":
-            found = self.checkpoints.load_latest()
-        if found is None:
-            return
-        state, path = found
-        differences = config_differences(state.get("config") or {}, self.config)
-        if differences and not self.s.resume_force:
-            raise ValueError(
-                f"checkpoint {path} was made with a different config ({'; '.join(differences)}); "
-                "resume with the same config, use a new run folder, or set trainer.resume_force=true"
+        """Continue from the checkpoint `settings.resume` selects (see select_checkpoint), and cut
+        metrics.jsonl back to the records written before it, so it holds exactly this run's history
+        (an empty file on a fresh start in a reused folder)."""
+        found = select_checkpoint(self.checkpoints, self.s.resume, self.config, self.s.resume_force)
+        if found is not None:
+            state, path = found
+            self.model.load_state_dict(state["model"], strict=True)
+            self.optimizer.load_state_dict(state["optimizer"])
+            loader.load_state_dict(state["loader"])
+            set_rng_state(state["rng"])
+            self.step = self.checkpointed_step = int(state["step"])
+            self.train_time_ms = float(state["train_time_ms"])
+            self.records_logged = int(state["records_logged"])
+            self.min_val_bpb = float(state["min_val_bpb"])
+            log.info(
+                "resumed from %s at step %d (%.0f ms of training used)", path, self.step, self.train_time_ms
             )
-        self.model.load_state_dict(state["model"], strict=True)
-        self.optimizer.load_state_dict(state["optimizer"])
-        loader.load_state_dict(state["loader"])
-        set_rng_state(state["rng"])
-        self.step = int(state["step"])
-        self.train_time_ms = float(state["train_time_ms"])
-        self.records_logged = int(state["records_logged"])
-        self.min_val_bpb = float(state["min_val_bpb"])
         if self.ctx.is_main:
             truncate_lines(self.s.run_dir / "metrics.jsonl", self.records_logged)
-        log.info("resumed from %s at step %d (%.0f ms of training used)", path, self.step, self.train_time_ms)
 
     # ------------------------------------------------------------------ the loop
 
@@ -268,7 +284,9 @@ class Trainer:
     def _loop(self, train_model, eval_model, loader, val_tokens, luts) -> dict:
         s = self.s
         outcome = {"status": "completed"}
-        stopping = False
+        last_finite: tuple[int, float] | None = None  # (step, loss) of the last loss within bounds
+        # A resumed run counts the training time already used: past the cap it only finishes.
+        stopping = s.max_wallclock_ms is not None and self.train_time_ms >= s.max_wallclock_ms
         last_log_time, last_log_step = self.train_time_ms, self.step
         last_checkpoint_wall = time.monotonic()
         warned = False
@@ -276,6 +294,12 @@ class Trainer:
         t0 = time.perf_counter()
         while True:
             last_step = stopping or (s.max_steps is not None and self.step >= s.max_steps)
+            if last_step:
+                # The end checkpoint precedes the final validation, so resuming a finished run
+                # repeats only that validation and the export, and rewrites the same files.
+                self._accumulate_time(t0)
+                self._save_checkpoint(loader)
+                t0 = time.perf_counter()
             if last_step or (s.val_every > 0 and self.step % s.val_every == 0):
                 self._sync()
                 self.train_time_ms += 1000.0 * (time.perf_counter() - t0)
@@ -302,12 +326,15 @@ class Trainer:
             should_log = s.log_every > 0 and (self.step <= 10 or self.step % s.log_every == 0)
             loss_value = None
             if should_log or self.device.type == "cpu":
+                if should_log:
+                    # Log the global batch's loss, not rank 0's share of it, so N ranks log what
+                    # 1 rank does (the reference logs rank 0's share). All ranks agree on should_log.
+                    train_loss = dist_utils.mean_over_ranks(self.ctx, train_loss)
                 loss_value = train_loss.item()
-                diverged = not math.isfinite(loss_value) or (s.max_loss > 0 and loss_value > s.max_loss)
-                if diverged:
-                    outcome = {"status": "diverged", "diverged_step": self.step, "diverged_loss": loss_value}
-                else:
-                    outcome["last_finite_loss"] = loss_value
+                if math.isfinite(loss_value) and not (s.max_loss > 0 and loss_value > s.max_loss):
+                    last_finite = (self.step, loss_value)
+                elif outcome["status"] != "diverged":
+                    outcome = self._diverged(loss_value, last_finite)
             if should_log:
                 interval_ms = max(elapsed_ms - last_log_time, 1e-9)
                 tok_per_sec = (self.step - last_log_step) * s.train_batch_tokens / (interval_ms / 1000.0)
@@ -326,8 +353,10 @@ class Trainer:
                 self.ctx, [cap_reached, self.stop.signal_name is not None, outcome["status"] == "diverged"]
             )
             if diverged:
-                outcome["status"] = "diverged"
-                log.error("diverged at step %d (loss %s); stopping", self.step, outcome.get("diverged_loss"))
+                # Stop before any checkpoint: the weights of this step may already be ruined.
+                if outcome["status"] != "diverged":  # another rank saw it first
+                    outcome = self._diverged(loss_value, last_finite)
+                log.error("error: %s", outcome["error"])
                 break
             due = (s.checkpoint_every > 0 and self.step % s.checkpoint_every == 0) or (
                 s.checkpoint_every_seconds > 0
@@ -336,12 +365,12 @@ class Trainer:
             if signalled:
                 self._accumulate_time(t0)
                 self._save_checkpoint(loader)
+                name = self.stop.signal_name or "a signal on another rank"
                 log.warning(
-                    "stopping at step %d on %s; checkpoint written",
-                    self.step,
-                    self.stop.signal_name or "signal",
+                    "interrupted at step %d by %s; run the same command again to resume", self.step, name
                 )
-                return {**outcome, "status": "interrupted"}
+                interrupted = {"status": "interrupted", "error": f"interrupted by {name} at step {self.step}"}
+                return {**outcome, **interrupted}
             if due:
                 self._accumulate_time(t0)
                 self._save_checkpoint(loader)
@@ -352,6 +381,25 @@ class Trainer:
                 log.info("stopping_early: wallclock_cap train_time:%.0fms step:%d", elapsed_ms, self.step)
         self._accumulate_time(t0)
         return outcome
+
+    def _diverged(self, loss: float | None, last_finite: tuple[int, float] | None) -> dict:
+        """The summary fields of a diverged run: where, with what loss, and the last good one."""
+        last_step, last_loss = last_finite if last_finite else (None, None)
+        if loss is not None and math.isfinite(loss):
+            what = f"loss {loss:.4f} exceeds trainer.max_loss={self.s.max_loss}"
+        else:
+            what = f"loss is {loss if loss is not None else 'non-finite on another rank'}"
+        last = "none finite before"
+        if last_finite:
+            last = f"last finite loss {last_loss:.4f} at step {last_step}"
+        message = (
+            f"diverged at step {self.step}: {what} ({last}); "
+            "lower the learning rates (optimizer.*_lr) or raise trainer.max_loss"
+        )
+        return {
+            "status": "diverged", "diverged_step": self.step, "diverged_loss": loss,
+            "last_finite_step": last_step, "last_finite_loss": last_loss, "error": message,
+        }  # fmt: skip
 
     def _accumulate_time(self, t0: float) -> None:
         """Fold the time since t0 into train_time_ms (evaluation excluded, as the reference)."""
@@ -389,7 +437,6 @@ class Trainer:
         }
         if outcome["status"] != "completed":
             return summary
-        self._save_checkpoint(loader)
         if s.export:
             summary.update(self._export(eval_model, val_tokens, luts))
         return summary
@@ -424,9 +471,14 @@ def peak_memory_mib(device: torch.device) -> float:
 
 
 def truncate_lines(path: Path, keep: int) -> None:
-    """Keep the first `keep` lines of a JSONL file: the records written before a checkpoint."""
+    """Keep the first `keep` lines of a JSONL file: the records written before a checkpoint.
+
+    Truncated in place (one syscall, nothing to tear), because the JSONL sink already holds the
+    file open for appending; a torn last line from a crash is beyond `keep` and goes too."""
     if not path.exists():
         return
-    lines = path.read_text().splitlines(keepends=True)
-    if len(lines) > keep:
-        path.write_text("".join(lines[:keep]))
+    with open(path, "rb+") as f:
+        for _ in range(keep):
+            if not f.readline():
+                return
+        f.truncate()

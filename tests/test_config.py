@@ -108,7 +108,7 @@ def test_sweep_presets_compose(sweep):
         (["trainer.train_batch_tokens=1000"], "trainer.train_batch_tokens=1000"),
         (["trainer.train_batch_tokens=8192", "data.seq_len=3000"], "data.seq_len=3000"),
         (["trainer.micro_batch_tokens=3000"], "trainer.micro_batch_tokens=3000"),
-        (["trainer.max_steps=0"], "no training horizon"),
+        (["trainer.max_steps=0", "trainer.max_wallclock_seconds=0"], "no training horizon"),
         (["trainer.nproc_per_node=two"], "trainer.nproc_per_node"),
         (["logger.mode=sometimes"], "logger.mode"),
     ],

@@ -10,16 +10,42 @@ from omegaconf import OmegaConf
 
 MAX_NAME_CHARS = 80
 _UNSAFE = re.compile(r"[^A-Za-z0-9._=,+-]+")
+# Items of an override summary are `key=value` joined by `,`; a `,` inside a value (`tags=[a,b]`) is not
+# followed by a key and `=`.
+_ITEM_SEP = re.compile(r",(?=[+~]?[\w.@/-]+=)")
 
 
-def safe_name(text: str) -> str:
-    """A folder-name-safe version of an override summary: `/` and friends become `_`; a long
-    summary is cut and given a short hash so two long summaries never collide."""
-    name = _UNSAFE.sub("_", str(text)).strip("._") or "job"
-    if len(name) > MAX_NAME_CHARS:
-        digest = hashlib.sha1(name.encode()).hexdigest()[:8]
-        name = f"{name[: MAX_NAME_CHARS - 9]}_{digest}"
-    return name
+def safe_name(text: str, swept: object = None) -> str:
+    """A folder name for a job from its override summary (Hydra's `override_dirname`).
+
+    Items whose key the sweep preset sweeps (`swept`, the keys of `hydra.sweeper.params`) come first,
+    so that the values telling the jobs apart stay in view. `/` and other characters unsafe in a file
+    name become `_`. A name longer than MAX_NAME_CHARS is cut between two items (a value cut in the
+    middle, `data.seq_len=1` for 128, would read as another value) and ends with a short hash of the
+    whole, so that two long names never collide.
+    """
+    first = [str(key) for key in (swept or {})]
+
+    def rank(item: str) -> int:
+        key = item.split("=", 1)[0].lstrip("+~")
+        return first.index(key) if key in first else len(first)
+
+    items = sorted(_ITEM_SEP.split(str(text)) if text else [], key=rank)  # stable: the rest stay sorted
+    items = [_UNSAFE.sub("_", item) for item in items]
+    name = ",".join(items).strip("._") or "job"
+    if len(name) <= MAX_NAME_CHARS:
+        return name
+    digest = hashlib.sha1(name.encode()).hexdigest()[:8]
+    budget = MAX_NAME_CHARS - len(digest) - 1
+    head = name[:budget]
+    # The longest run of whole items that fits; a first item longer than the budget is cut anyway.
+    whole = ""
+    for item in items:
+        candidate = f"{whole},{item}" if whole else item
+        if len(candidate.strip("._")) > budget:
+            break
+        whole = candidate
+    return f"{whole.strip('._') or head}_{digest}"
 
 
 def claim_dir(parent: str, name: str) -> str:

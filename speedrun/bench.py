@@ -1,0 +1,575 @@
+"""`make bench`: what the framework costs, measured side by side with what it wraps.
+
+Every number is a comparison taken in one run, so a loaded or slow machine shifts both sides alike:
+- trainer: the real `Trainer` against a bare loop written here (same model, optimizer, schedule,
+  batches and precision), interleaved A/B, B/A, ... and compared by median step time;
+- data: tokens per second one rank's loader delivers (the reference's per-rank batch);
+- eval: tokens per second of `speedrun.eval.evaluate`;
+- cli: `--cfg job` latency and the time from process start to the first training record;
+- gpu: tokens/s and MFU with all speed features, then with each one switched off (CUDA only).
+
+`python -m speedrun.bench [--only SECTION ...] [--out bench.json] [--check] [--tiny]` prints a
+table and writes JSON; it exits 0 (it is a report) unless --check is given and a target fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import torch
+
+from speedrun.data.sources import StdlibCorpus
+from speedrun.data.stream import measure_loader_throughput
+from speedrun.distributed import DistContext
+from speedrun.eval import evaluate
+from speedrun.flops import mfu
+from speedrun.models.gpt import GPT
+from speedrun.optim.muon_adam import MuonAdam
+from speedrun.schedules import WSD
+from speedrun.sinks import MultiSink
+from speedrun.trainer import Trainer, TrainerSettings
+
+SECTIONS = ("trainer", "data", "eval", "cli", "gpu")
+SPEED_FEATURES = ("compile", "bf16_autocast", "fused_adam", "flash_sdpa")
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """How big and how long each measurement is."""
+
+    model: dict  # GPT keyword arguments
+    seq_len: int
+    batch_tokens: int  # per optimizer step, one micro-step
+    steps: int  # per run of either loop
+    skip: int  # leading step intervals dropped as warm-up (allocator, caches, compilation)
+    repeats: int  # trainer/bare pairs
+    val_tokens: int
+    eval_batch_tokens: int
+    loader_seq_len: int
+    loader_tokens: int  # per rank and batch
+    loader_seconds: float
+    cli_repeats: int
+
+
+TINY_GPT = dict(vocab_size=1024, num_layers=2, model_dim=64, num_heads=2, num_kv_heads=1, mlp_mult=2)
+PG_GPT = dict(vocab_size=1024, num_layers=9, model_dim=512, num_heads=8, num_kv_heads=4, mlp_mult=2)
+# The reference's per-rank batch: 524,288 tokens over 8 ranks, 64 sequences of 1024.
+REFERENCE_LOADER = dict(loader_seq_len=1024, loader_tokens=65536)
+
+# A CPU step of ~100 ms: long enough that timer noise is small, short enough for dozens of steps.
+CPU_SIZES = Sizes(
+    model=TINY_GPT, seq_len=128, batch_tokens=2048, steps=15, skip=3, repeats=10, val_tokens=32768,
+    eval_batch_tokens=8192, loader_seconds=2.0, cli_repeats=5, **REFERENCE_LOADER,
+)  # fmt: skip
+# parameter-golf's baseline model and per-rank batch.
+CUDA_SIZES = Sizes(
+    model=PG_GPT, seq_len=1024, batch_tokens=65536, steps=40, skip=10, repeats=3, val_tokens=1048576,
+    eval_batch_tokens=65536, loader_seconds=2.0, cli_repeats=5, **REFERENCE_LOADER,
+)  # fmt: skip
+# Plumbing only (tests): seconds in all, numbers meaningless.
+TINY_SIZES = Sizes(
+    model=TINY_GPT, seq_len=64, batch_tokens=256, steps=4, skip=1, repeats=2, val_tokens=1024,
+    eval_batch_tokens=512, loader_seq_len=64, loader_tokens=4096, loader_seconds=0.1, cli_repeats=1,
+)  # fmt: skip
+
+
+@dataclass
+class Result:
+    """One row of the table. `target` is (">=" or "<=", bound) or None for a figure without one."""
+
+    metric: str
+    value: float | None
+    unit: str
+    target: tuple[str, float] | None = None
+    note: str = ""
+    details: dict = field(default_factory=dict)
+
+    @property
+    def status(self) -> str:
+        if self.value is None:
+            return "skipped" if self.note.startswith("skipped") else "fail"
+        if self.target is None:
+            return "info"
+        op, bound = self.target
+        ok = self.value <= bound if op == "<=" else self.value >= bound
+        return "pass" if ok else "fail"
+
+
+# --------------------------------------------------------------------------- trainer vs bare loop
+
+
+def stamp(device: torch.device) -> tuple[float, float]:
+    """(wall, CPU time of this process) in ms; on CUDA after a synchronize, so queued GPU work
+    cannot hide host overhead (which makes a CUDA ratio an upper bound on the trainer's cost)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return 1000.0 * time.perf_counter(), 1000.0 * time.process_time()
+
+
+class InterleavedBare:
+    """The trainer's loader, running one step of the bare loop inside every batch request.
+
+    Trainer and bare loop so alternate step by step (A, B, A, B, ...), and a change in machine
+    load that lasts longer than a step hits both alike. The trainer's step k runs from fetching
+    batch k to its request for batch k + 1; the bare step, its own fetch included, runs between.
+    """
+
+    def __init__(self, loader, bare_step: Callable[[], None], device: torch.device):
+        self.loader = loader
+        self.bare_step = bare_step
+        self.device = device
+        self.trainer_ms: list[tuple[float, float]] = []  # (wall, cpu) per step
+        self.bare_ms: list[tuple[float, float]] = []
+        self._fetch_started: tuple[float, float] | None = None
+
+    def next_batch(self, local_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+        entered = stamp(self.device)
+        if self._fetch_started is not None:
+            self.trainer_ms.append(elapsed(self._fetch_started, entered))
+        self.bare_step()
+        self._fetch_started = stamp(self.device)
+        self.bare_ms.append(elapsed(entered, self._fetch_started))
+        return self.loader.next_batch(local_tokens)
+
+    def __getattr__(self, name: str):  # state_dict / load_state_dict, for the trainer
+        return getattr(self.loader, name)
+
+
+def elapsed(start: tuple[float, float], end: tuple[float, float]) -> tuple[float, float]:
+    return end[0] - start[0], end[1] - start[1]
+
+
+class InterleavedData:
+    """A data source whose train loader is an InterleavedBare (the one made last is in `loader`)."""
+
+    def __init__(self, data: StdlibCorpus, bare_step: Callable[[], None]):
+        self.data = data
+        self.bare_step = bare_step
+        self.loader: InterleavedBare | None = None
+
+    def train_loader(self, rank: int, world_size: int, device: torch.device) -> InterleavedBare:
+        self.loader = InterleavedBare(
+            self.data.train_loader(rank, world_size, device), self.bare_step, device
+        )
+        return self.loader
+
+    def __getattr__(self, name: str):
+        return getattr(self.data, name)
+
+
+def build_model(sizes: Sizes, device: torch.device, bf16: bool | None = None) -> GPT:
+    """The bench model with the precision recipe the trainer uses (bf16 on CUDA unless bf16=False)."""
+    torch.manual_seed(0)
+    model = GPT(**sizes.model).to(device)
+    if device.type == "cuda" and bf16 is not False:
+        model.cast_for_cuda_training()
+    return model
+
+
+def bare_step(model, optimizer, schedule, loader, step: int, batch_tokens: int, autocast: bool) -> None:
+    """One step as a training script without a framework takes it: batch, forward, backward, update."""
+    optimizer.prepare_step(step, schedule.lr_scale(step, 0.0))
+    x, y = loader.next_batch(batch_tokens)
+    with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16, enabled=autocast):
+        loss = model(x, y)
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad()
+
+
+class BareLoop:
+    """The loop a training script writes without a framework, one step per call."""
+
+    def __init__(self, model, optimizer: MuonAdam, schedule: WSD, loader, batch_tokens: int, autocast: bool):
+        self.model, self.optimizer, self.schedule, self.loader = model, optimizer, schedule, loader
+        self.batch_tokens = batch_tokens
+        self.autocast = autocast
+        self.steps_done = 0
+        model.train()
+
+    def step(self) -> None:
+        components = (self.model, self.optimizer, self.schedule, self.loader)
+        bare_step(*components, self.steps_done, self.batch_tokens, self.autocast)
+        self.steps_done += 1
+
+
+def bench_trainer(sizes: Sizes, device: torch.device, workdir: Path) -> list[Result]:
+    # A few validation sequences: the trainer evaluates at its first and last step, outside the timing.
+    data = StdlibCorpus(seq_len=sizes.seq_len, val_tokens=4 * sizes.seq_len)
+    data.prepare()
+    cuda = device.type == "cuda"
+    trainer_model, bare_model = build_model(sizes, device), build_model(sizes, device)
+    initial = {k: v.detach().clone() for k, v in trainer_model.state_dict().items()}
+    # The trainer compiles on CUDA (compile=auto); the bare loop does too, once.
+    bare_forward = torch.compile(bare_model, dynamic=False, fullgraph=True) if cuda else bare_model
+    ctx = DistContext(rank=0, local_rank=0, world_size=1, device=device)
+
+    def fresh(model: GPT) -> tuple[MuonAdam, WSD]:
+        model.load_state_dict(initial)
+        return MuonAdam(model, compile_newtonschulz=cuda), WSD(max_steps=sizes.steps, max_wallclock_ms=None)
+
+    trainer_ms: list[tuple[float, float]] = []
+    bare_ms: list[tuple[float, float]] = []
+    for repeat in range(sizes.repeats):
+        progress(f"trainer vs bare loop, interleaved step by step: run {repeat + 1}/{sizes.repeats}")
+        bare = BareLoop(
+            bare_forward, *fresh(bare_model), data.train_loader(0, 1, device), sizes.batch_tokens, cuda
+        )
+        interleaved = InterleavedData(data, bare.step)
+        optimizer, schedule = fresh(trainer_model)
+        settings = TrainerSettings(
+            # A new folder each time: the trainer refuses to start afresh over another run's checkpoints.
+            run_dir=Path(tempfile.mkdtemp(prefix="trainer-", dir=workdir)), seq_len=sizes.seq_len,
+            train_batch_tokens=sizes.batch_tokens, grad_accum_steps=1, micro_batch_tokens=sizes.batch_tokens,
+            max_steps=sizes.steps, max_wallclock_ms=None, val_every=0, val_batch_tokens=4 * sizes.seq_len,
+            log_every=10, keep_checkpoints=1, resume="never", export=False, compile=cuda,
+        )  # fmt: skip
+        Trainer(trainer_model, optimizer, schedule, interleaved, MultiSink(), settings, ctx, config={}).fit()
+        trainer_ms += interleaved.loader.trainer_ms[sizes.skip :]
+        bare_ms += interleaved.loader.bare_ms[sizes.skip :]
+    return trainer_results(sizes, trainer_ms, bare_ms, cuda)
+
+
+def trainer_results(
+    sizes: Sizes, trainer_ms: list[tuple[float, float]], bare_ms: list[tuple[float, float]], cuda: bool
+) -> list[Result]:
+    """Median step times and their ratio: by CPU time on a CPU (the work a step costs, whatever
+    the neighbours on a shared machine do), by synchronized wall time on CUDA; the other clock
+    is reported alongside."""
+    clocks = {"wall": 0, "cpu": 1}
+    median = {
+        (loop, clock): statistics.median(t[i] for t in times)
+        for loop, times in (("trainer", trainer_ms), ("bare", bare_ms))
+        for clock, i in clocks.items()
+    }
+    main, other = ("wall", "cpu") if cuda else ("cpu", "wall")
+    names = {"wall": "wall time", "cpu": "CPU time"}
+    shape = f"{sizes.model['num_layers']}x{sizes.model['model_dim']} GPT, {sizes.batch_tokens} tokens/step"
+    steps = f"{len(trainer_ms)} + {len(bare_ms)} steps, {sizes.repeats} runs interleaved step by step"
+    details = {
+        "trainer_step_ms": {clock: [t[i] for t in trainer_ms] for clock, i in clocks.items()},
+        "bare_step_ms": {clock: [t[i] for t in bare_ms] for clock, i in clocks.items()},
+        "sizes": asdict(sizes),
+    }
+    ratio = {clock: median["trainer", clock] / median["bare", clock] for clock in clocks}
+    return [
+        Result(f"trainer step, {names[main]} (median)", median["trainer", main], "ms", note=shape),
+        Result(f"bare loop step, {names[main]} (median)", median["bare", main], "ms", note=shape),
+        Result(f"trainer / bare step, {names[main]}", ratio[main], "x", ("<=", 1.03), steps, details),
+        Result(f"trainer / bare step, {names[other]}", ratio[other], "x", note="the other clock, no target"),
+    ]
+
+
+# --------------------------------------------------------------------------- data and evaluation
+
+
+def bench_data(sizes: Sizes) -> list[Result]:
+    data = StdlibCorpus(seq_len=sizes.loader_seq_len)
+    data.prepare()
+    results = []
+    for world_size in (1, 8):
+        progress(f"loader throughput, world size {world_size}")
+        tokens_per_sec = measure_loader_throughput(
+            data.train_files(), sizes.loader_seq_len, sizes.loader_tokens, world_size, sizes.loader_seconds
+        )
+        results.append(
+            Result(
+                f"loader tokens/s per rank (rank 0 of {world_size})",
+                tokens_per_sec / 1e6,
+                "M tok/s",
+                (">=", 100.0),
+                note=f"{sizes.loader_tokens} tokens x seq {sizes.loader_seq_len} per batch",
+            )  # fmt: skip
+        )
+    return results
+
+
+def bench_eval(sizes: Sizes, device: torch.device) -> list[Result]:
+    progress("evaluation throughput")
+    data = StdlibCorpus(seq_len=sizes.seq_len, val_tokens=sizes.val_tokens)
+    data.prepare()
+    model = build_model(sizes, device)
+    val_tokens = data.load_val_tokens()
+    luts = data.byte_luts(device)
+    autocast_dtype = torch.bfloat16 if device.type == "cuda" else None
+    tokens = (val_tokens.numel() - 1) // sizes.seq_len * sizes.seq_len
+    seconds = []
+    for _ in range(3):
+        synchronize(device)
+        start = time.perf_counter()
+        evaluate(
+            model, val_tokens, luts, seq_len=sizes.seq_len, batch_tokens=sizes.eval_batch_tokens,
+            device=device, autocast_dtype=autocast_dtype,
+        )  # fmt: skip
+        synchronize(device)
+        seconds.append(time.perf_counter() - start)
+    # The first pass also warms caches; the median of three leaves it out.
+    return [
+        Result(
+            "evaluation tokens/s",
+            tokens / statistics.median(seconds) / 1e6,
+            "M tok/s",
+            note=f"{tokens} val tokens, {sizes.eval_batch_tokens} per forward, uncompiled",
+        )  # fmt: skip
+    ]
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def cli_env() -> dict:
+    return {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_SILENT": "true"}
+
+
+def bench_cli(sizes: Sizes, workdir: Path) -> list[Result]:
+    progress("--cfg job latency")
+    command = [sys.executable, "-m", "speedrun.train", "--cfg", "job"]
+    if sizes.cli_repeats > 1:
+        subprocess.run(command, cwd=workdir, env=cli_env(), capture_output=True, timeout=120)  # warm caches
+    latencies = []
+    for _ in range(sizes.cli_repeats):
+        start = time.perf_counter()
+        proc = subprocess.run(
+            command, cwd=workdir, env=cli_env(), capture_output=True, text=True, timeout=120
+        )
+        latencies.append(time.perf_counter() - start)
+        if proc.returncode != 0:
+            return [
+                Result("--cfg job latency", None, "s", ("<=", 1.0), note=f"failed: {last_line(proc.stderr)}")
+            ]
+    results = [
+        Result(
+            "--cfg job latency (median)",
+            statistics.median(latencies),
+            "s",
+            ("<=", 1.0),
+            note=f"{len(latencies)} runs",
+            details={"seconds": latencies},
+        )  # fmt: skip
+    ]
+    progress("time to first step")
+    results.append(time_to_first_step(workdir / "first_step"))
+    return results
+
+
+def time_to_first_step(run_dir: Path) -> Result:
+    """Seconds from starting a tiny real run to its first training record in metrics.jsonl."""
+    overrides = [
+        "model=gpt_tiny", "data.seq_len=64", "data.val_tokens=4096", "trainer.train_batch_tokens=1024",
+        "trainer.val_batch_tokens=4096", "trainer.max_steps=2", "trainer.log_every=1",
+        "trainer.export=false", "logger=none", f"hydra.run.dir={run_dir}",
+    ]  # fmt: skip
+    metrics = run_dir / "metrics.jsonl"
+    name = "time to first step"
+    start = time.perf_counter()
+    with subprocess.Popen(
+        [sys.executable, "-m", "speedrun.train", *overrides],
+        env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    ) as proc:  # fmt: skip
+        first = None
+        while first is None and time.perf_counter() - start < 300:
+            exited = proc.poll() is not None
+            if metrics.exists() and any("train/loss" in line for line in metrics.read_text().splitlines()):
+                first = time.perf_counter() - start
+            elif exited:
+                break
+            time.sleep(0.01)
+        try:
+            _, stderr = proc.communicate(timeout=300)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            _, stderr = proc.communicate()
+    if first is None:
+        return Result(name, None, "s", note=f"failed (exit {proc.returncode}): {last_line(stderr)}")
+    return Result(name, first, "s", note="tiny run: start-up, data check, step-0 eval, step 1")
+
+
+def last_line(text: str | None) -> str:
+    lines = (text or "").strip().splitlines()
+    return lines[-1] if lines else "no output"
+
+
+# --------------------------------------------------------------------------- GPU ablations
+
+
+def bench_gpu(sizes: Sizes, device: torch.device) -> list[Result]:
+    if device.type != "cuda":
+        return [Result("GPU tokens/s and MFU per speed feature", None, "", note="skipped: no CUDA")]
+    results = []
+    reference = None
+    for off in (None, *SPEED_FEATURES):
+        label = "all speed features" if off is None else f"without {off}"
+        progress(f"GPU: {label}")
+        tokens_per_sec, model_mfu = gpu_throughput(sizes, device, off)
+        reference = reference or tokens_per_sec
+        note = f"MFU {model_mfu:.1%}" if model_mfu is not None else "MFU unknown for this device"
+        if off is not None:
+            note += f", {tokens_per_sec / reference:.2f}x the full speed"
+        results.append(
+            Result(
+                f"GPU tokens/s, {label}",
+                tokens_per_sec / 1e6,
+                "M tok/s",
+                note=note,
+                details={"mfu": model_mfu, "feature_off": off},
+            )  # fmt: skip
+        )
+    return results
+
+
+def gpu_throughput(sizes: Sizes, device: torch.device, off: str | None) -> tuple[float, float | None]:
+    """(tokens/s, MFU) of the bare loop with one speed feature switched off (None: all on)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    torch._dynamo.reset()  # each variant compiles afresh: no graph carries over another's choices
+    bf16 = off != "bf16_autocast"
+    compiled = off != "compile"
+    model = build_model(sizes, device, bf16=bf16)
+    optimizer = MuonAdam(model, compile_newtonschulz=compiled)
+    if off == "fused_adam":
+        # Adam reads these per step, and its state is made at the first step: set before any.
+        for opt in optimizer.optimizers:
+            if isinstance(opt, torch.optim.Adam):
+                for group in opt.param_groups:
+                    group["fused"], group["foreach"] = False, True
+    forward = torch.compile(model, dynamic=False, fullgraph=True) if compiled else model
+    schedule = WSD(max_steps=sizes.skip + sizes.steps, max_wallclock_ms=None)
+    data = StdlibCorpus(seq_len=sizes.seq_len)
+    data.prepare()
+    loader = data.train_loader(0, 1, device)
+    backends = [b for b in SDPBackend if b != SDPBackend.FLASH_ATTENTION and b != SDPBackend.ERROR]
+    attention = sdpa_kernel(backends) if off == "flash_sdpa" else contextlib.nullcontext()
+    model.train()
+    with attention:
+        for step in range(sizes.skip + sizes.steps):
+            if step == sizes.skip:  # the first steps compile and warm up: not timed
+                torch.cuda.synchronize(device)
+                start = time.perf_counter()
+            bare_step(forward, optimizer, schedule, loader, step, sizes.batch_tokens, autocast=bf16)
+        torch.cuda.synchronize(device)
+    tokens_per_sec = sizes.steps * sizes.batch_tokens / (time.perf_counter() - start)
+    name = torch.cuda.get_device_name(device)
+    return tokens_per_sec, mfu(tokens_per_sec, model.flops_per_token(sizes.seq_len), 1, name)
+
+
+# --------------------------------------------------------------------------- report
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def progress(message: str) -> None:
+    print(f"bench: {message}", file=sys.stderr, flush=True)
+
+
+def format_value(value: float | None) -> str:
+    if value is None:
+        return "-"
+    if value == 0 or 0.01 <= abs(value) < 100000:
+        return f"{value:.3f}" if abs(value) < 10 else f"{value:.1f}"
+    return f"{value:.3g}"
+
+
+def format_table(results: list[Result]) -> str:
+    rows = [("metric", "value", "target", "status", "note")]
+    for r in results:
+        value = f"{format_value(r.value)} {r.unit}".strip()
+        target = f"{r.target[0]} {format_value(r.target[1])} {r.unit}".strip() if r.target else "-"
+        rows.append((r.metric, value, target, r.status, r.note))
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    lines = [
+        "  ".join(cell.ljust(w) for cell, w in zip(row[:4], widths, strict=True)) + "  " + row[4]
+        for row in rows
+    ]
+    lines.insert(1, "-" * len(lines[0]))
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def machine(device: torch.device) -> dict:
+    return {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+    }
+
+
+def exit_code(results: list[Result], check: bool) -> int:
+    """0 for a report; with --check, 1 when any measured figure misses its target or failed."""
+    return int(check and any(r.status == "fail" for r in results))
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m speedrun.bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--only", nargs="+", choices=SECTIONS, default=list(SECTIONS), help="sections to run")
+    parser.add_argument(
+        "--out", type=Path, default=Path("bench.json"), help="JSON report (default bench.json)"
+    )
+    parser.add_argument("--check", action="store_true", help="exit 1 when a target is missed")
+    parser.add_argument(
+        "--tiny", action="store_true", help="tiny sizes: checks the plumbing, numbers mean nothing"
+    )
+    parser.add_argument(
+        "--threads", type=int, default=1,
+        help="CPU intra-op threads (default 1: on a shared CPU, a pool of threads turns every stall into noise)",
+    )  # fmt: skip
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    wall_start = time.perf_counter()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cpu":
+        torch.set_num_threads(args.threads)
+    sizes = TINY_SIZES if args.tiny else CUDA_SIZES if device.type == "cuda" else CPU_SIZES
+    if args.tiny and device.type == "cuda":
+        sizes = replace(sizes, steps=sizes.skip + 3)
+    results: list[Result] = []
+    with tempfile.TemporaryDirectory(prefix="speedrun-bench-") as tmp:
+        workdir = Path(tmp)
+        for section in SECTIONS:
+            if section not in args.only:
+                continue
+            if section == "trainer":
+                results += bench_trainer(sizes, device, workdir)
+            elif section == "data":
+                results += bench_data(sizes)
+            elif section == "eval":
+                results += bench_eval(sizes, device)
+            elif section == "cli":
+                results += bench_cli(sizes, workdir)
+            else:
+                results += bench_gpu(sizes, device)
+    wall_s = time.perf_counter() - wall_start
+    report = {
+        "date": datetime.date.today().isoformat(),
+        "machine": machine(device),
+        "wall_s": wall_s,
+        "results": [{**asdict(r), "status": r.status} for r in results],
+    }
+    args.out.write_text(json.dumps(report, indent=2, default=str) + "\n")
+    print(format_table(results))
+    print(f"\nbench: {wall_s:.0f} s on {report['machine']['device']}; JSON in {args.out}")
+    return exit_code(results, args.check)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,30 @@
+"""Data: shard I/O, the distributed token stream, the embedded corpus, and the sources `cfg.data` builds.
+
+The exports load on first use, so `import speedrun.data.shards` (prepare, downloads, a corpus
+build in a fresh process) does not pay for importing torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+
+class DataError(RuntimeError):
+    """Data that cannot be used as configured; the message names the path and the fix."""
+
+
+_EXPORTS = {
+    "DataSource": "speedrun.data.sources",
+    "FinewebSP1024": "speedrun.data.sources",
+    "ShardDataset": "speedrun.data.sources",
+    "StdlibCorpus": "speedrun.data.sources",
+    "DistributedTokenLoader": "speedrun.data.stream",
+}
+
+__all__ = ["DataError", *_EXPORTS]
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,148 @@
+"""SentencePiece BPE: train one the way parameter-golf does, and encode documents into shard tokens.
+
+Settings follow parameter-golf's FineWeb tokenizers (BPE, byte fallback, split digits, no dummy prefix,
+pad/bos/eos/unk = 0/1/2/3) with one deliberate change: identity normalization and no whitespace
+collapsing, so that decode(encode(text)) == text byte for byte. That keeps val_bpb honest (bytes are
+the corpus's bytes, not NFKC-normalised ones) and keeps code indentation intact.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import re
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import sentencepiece as spm
+
+from speedrun.data.shards import MAX_TOKEN_ID, TOKEN_DTYPE
+
+PAD_ID, BOS_ID, EOS_ID, UNK_ID = 0, 1, 2, 3
+# Characters seen in fewer than 0.05% of the sample get no piece of their own and are spelled with byte
+# pieces instead; 1.0 would let a few rare scripts eat a small vocab (or make it impossible).
+CHARACTER_COVERAGE = 0.9995
+# SentencePiece silently drops training lines longer than this many bytes (its default is 4192).
+MAX_LINE_BYTES = 16384
+
+
+def _training_lines(text_iter: Iterable[str]) -> Iterator[str]:
+    """Documents -> their non-empty lines: SentencePiece trains on "sentences", not whole documents."""
+    for text in text_iter:
+        for line in text.split("\n"):
+            if line.strip():
+                yield line
+
+
+def train_sentencepiece(
+    text_iter: Iterable[str],
+    model_prefix: Path,
+    vocab_size: int,
+    *,
+    max_sentences: int = 2_000_000,
+    threads: int = 2,
+) -> Path:
+    """Train a BPE tokenizer on (a bounded sample of) `text_iter`; return the path of `<model_prefix>.model`.
+
+    `text_iter` yields documents (or lines); at most `max_sentences` lines are read from it, so a
+    generator over a huge corpus is safe. The caller should still pass a sample (tens of MB at most):
+    SentencePiece holds everything it reads in memory. Writes `<model_prefix>.model` and `.vocab`, each
+    atomically. Raises ValueError with a one-line explanation when the text cannot support `vocab_size`.
+    """
+    model_prefix = Path(model_prefix)
+    model_prefix.parent.mkdir(parents=True, exist_ok=True)
+    lines = itertools.islice(_training_lines(text_iter), max_sentences)
+    first = next(lines, None)
+    if first is None:
+        raise ValueError("no text to train the tokenizer on (every document is empty)")
+    # Train under a temporary prefix and rename, so an interrupted run never leaves a half-written model.
+    tmp_prefix = model_prefix.with_name(f".{model_prefix.name}.tmp{os.getpid()}")
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=itertools.chain([first], lines),
+            model_prefix=str(tmp_prefix),
+            model_type="bpe",
+            vocab_size=vocab_size,
+            byte_fallback=True,
+            split_digits=True,
+            add_dummy_prefix=False,
+            normalization_rule_name="identity",
+            remove_extra_whitespaces=False,
+            character_coverage=CHARACTER_COVERAGE,
+            pad_id=PAD_ID,
+            bos_id=BOS_ID,
+            eos_id=EOS_ID,
+            unk_id=UNK_ID,
+            input_sentence_size=max_sentences,
+            shuffle_input_sentence=True,
+            max_sentence_length=MAX_LINE_BYTES,
+            num_threads=threads,
+            minloglevel=2,  # its INFO log is a page per run; errors still raise
+        )
+    except RuntimeError as error:
+        for suffix in (".model", ".vocab"):
+            _with_suffix(tmp_prefix, suffix).unlink(missing_ok=True)
+        raise _vocab_error(str(error), vocab_size) from None
+    for suffix in (".vocab", ".model"):
+        os.replace(_with_suffix(tmp_prefix, suffix), _with_suffix(model_prefix, suffix))
+    return _with_suffix(model_prefix, ".model")
+
+
+def _with_suffix(prefix: Path, suffix: str) -> Path:
+    # Not Path.with_suffix: a prefix such as "fineweb_1024.v2" already has a dot in its name.
+    return prefix.with_name(prefix.name + suffix)
+
+
+def _vocab_error(message: str, vocab_size: int) -> ValueError:
+    """Turn SentencePiece's assertion text into one line that says what to change."""
+    too_high = re.search(r"Vocabulary size too high \(\d+\)\. Please set it to a value <= (\d+)", message)
+    if too_high:
+        return ValueError(
+            f"corpus too small for vocab {vocab_size}: its sample supports at most {too_high.group(1)} pieces; "
+            "use a smaller --vocab-size or give more text"
+        )
+    too_low = re.search(r"smaller than required_chars\. \d+ vs (\d+)", message)
+    if too_low:
+        return ValueError(
+            f"vocab {vocab_size} is too small for this corpus: 256 byte pieces, the special tokens and its "
+            f"common characters need at least {too_low.group(1)}; use a larger --vocab-size"
+        )
+    return ValueError(
+        f"SentencePiece training failed for vocab {vocab_size}: {message.strip().splitlines()[-1]}"
+    )
+
+
+def load_sentencepiece(path: str | os.PathLike) -> spm.SentencePieceProcessor:
+    """Load a `.model` file, with an error that names it instead of SentencePiece's internal assertion."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"tokenizer {path} not found")
+    try:
+        return spm.SentencePieceProcessor(model_file=str(path))
+    except (RuntimeError, OSError):
+        raise ValueError(
+            f"tokenizer {path} is not a SentencePiece .model file (corrupt or wrong format)"
+        ) from None
+
+
+def encode_documents(
+    processor: spm.SentencePieceProcessor, texts: Sequence[str], *, bos_id: int | None = None
+) -> np.ndarray:
+    """Encode documents into one uint16 array, each document preceded by BOS (parameter-golf's layout).
+
+    BOS marks document boundaries for the model; no EOS is appended, as in the reference export.
+    """
+    bos = processor.bos_id() if bos_id is None else bos_id
+    if bos < 0:
+        raise ValueError("this tokenizer has no BOS piece; train it with bos_id=1")
+    if processor.get_piece_size() > MAX_TOKEN_ID + 1:
+        raise ValueError(f"vocab {processor.get_piece_size()} does not fit in uint16 shards (max 65536)")
+    encoded = processor.encode(list(texts), out_type=int)
+    tokens = np.empty(len(texts) + sum(len(ids) for ids in encoded), dtype=TOKEN_DTYPE)
+    position = 0
+    for ids in encoded:
+        tokens[position] = bos
+        tokens[position + 1 : position + 1 + len(ids)] = ids
+        position += 1 + len(ids)
+    return tokens

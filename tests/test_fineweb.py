@@ -1,0 +1,343 @@
+"""`python -m speedrun.data.fineweb` against a fake Hugging Face Hub on 127.0.0.1, never the network.
+
+The fake serves what hf_hub_download asks for: HEAD/GET {endpoint}/datasets/{repo}/resolve/{revision}/{path}
+with X-Repo-Commit, ETag and Content-Length, and 404 + X-Error-Code: EntryNotFound for missing files. The real
+huggingface_hub client runs in a real subprocess with HF_ENDPOINT pointing at it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import sysconfig
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import unquote, urlparse
+
+import numpy as np
+import pytest
+import yaml
+
+from speedrun.data.shards import list_shards, read_shard_header, write_shard
+from speedrun.data.tokenizer import train_sentencepiece
+
+REPO = Path(__file__).resolve().parent.parent
+REPO_ID = "someone/parameter-golf"
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+DATASET = "datasets/datasets/fineweb10B_sp1024"
+
+pytestmark = pytest.mark.timeout(120)
+
+
+class FakeHub(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, files: dict[str, bytes]) -> None:
+        super().__init__(("127.0.0.1", 0), _Handler)
+        self.files = files
+        self.requests: list[tuple[str, str]] = []
+        self.cut_once: set[str] = set()  # GET sends half the body, then drops the connection (once)
+        self.stall: str | None = None  # GET sends half the body, then waits for `release`
+        self.half_sent = threading.Event()
+        self.release = threading.Event()
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}"
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server: FakeHub
+
+    def do_HEAD(self) -> None:
+        self._serve(send_body=False)
+
+    def do_GET(self) -> None:
+        self._serve(send_body=True)
+
+    def _serve(self, send_body: bool) -> None:
+        path = unquote(urlparse(self.path).path)
+        self.server.requests.append((self.command, path))
+        prefix = f"/datasets/{REPO_ID}/resolve/main/"
+        name = path.removeprefix(prefix)
+        if not path.startswith(prefix) or name not in self.server.files:
+            self.send_response(404)
+            self.send_header("X-Error-Code", "EntryNotFound" if path.startswith(prefix) else "RepoNotFound")
+            self.send_header("X-Repo-Commit", COMMIT)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        data = self.server.files[name]
+        self.send_response(200)
+        self.send_header("X-Repo-Commit", COMMIT)
+        self.send_header("ETag", f'"{hashlib.sha256(data).hexdigest()}"')
+        self.send_header("Content-Length", str(len(data)))
+        self.send_header("Content-Type", "application/octet-stream")
+        self.end_headers()
+        if not send_body:
+            return
+        if name in self.server.cut_once or name == self.server.stall:
+            self.wfile.write(data[: len(data) // 2])
+            self.wfile.flush()
+            if name == self.server.stall:
+                self.server.half_sent.set()
+                self.server.release.wait(timeout=60)
+            self.server.cut_once.discard(name)
+            self.close_connection = True  # the client sees the body end early
+            return
+        self.wfile.write(data)
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+def shard_bytes(folder: Path, seed: int, num_tokens: int = 3000) -> bytes:
+    path = folder / f"{seed}.bin"
+    write_shard(path, np.random.default_rng(seed).integers(0, 1024, num_tokens))
+    return path.read_bytes()
+
+
+@pytest.fixture(scope="module")
+def tokenizer_files(tmp_path_factory) -> dict[str, bytes]:
+    """A real 1024-piece SentencePiece model, trained on a few hundred KB of the stdlib's own source."""
+    sources = sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))
+    texts, size = [], 0
+    for source in sources:
+        texts.append(source.read_text(encoding="utf-8", errors="replace"))
+        size += len(texts[-1])
+        if size > 600_000:
+            break
+    prefix = tmp_path_factory.mktemp("tok") / "fineweb_1024_bpe"
+    model = train_sentencepiece(texts, prefix, 1024, threads=1)
+    return {
+        "datasets/tokenizers/fineweb_1024_bpe.model": model.read_bytes(),
+        "datasets/tokenizers/fineweb_1024_bpe.vocab": model.with_suffix(".vocab").read_bytes(),
+    }
+
+
+@pytest.fixture
+def hub_files(tokenizer_files, tmp_path_factory) -> dict[str, bytes]:
+    """The published layout: the export under datasets/, with parameter-golf's manifest schema."""
+    manifest = {
+        "datasets": [
+            {
+                "name": "fineweb10B_sp1024",
+                "tokenizer_name": "sp_bpe_1024",
+                "stats": {"files_train": 3, "files_val": 2},
+            }
+        ],
+        "tokenizers": [
+            {
+                "name": "sp_bpe_1024",
+                "model_path": "tokenizers/fineweb_1024_bpe.model",
+                "vocab_path": "tokenizers/fineweb_1024_bpe.vocab",
+            }
+        ],
+    }
+    files = {"datasets/manifest.json": json.dumps(manifest).encode(), **tokenizer_files}
+    folder = tmp_path_factory.mktemp("shards")
+    for i in range(2):
+        files[f"{DATASET}/fineweb_val_{i:06d}.bin"] = shard_bytes(folder, 100 + i)
+    for i in range(3):
+        files[f"{DATASET}/fineweb_train_{i:06d}.bin"] = shard_bytes(folder, i)
+    return files
+
+
+@pytest.fixture
+def hub(hub_files) -> Iterator[FakeHub]:
+    server = FakeHub(hub_files)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server
+    server.release.set()
+    server.shutdown()
+    server.server_close()
+    thread.join(timeout=10)
+
+
+def fetch_command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "speedrun.data.fineweb", "--repo-id", REPO_ID, *args]
+
+
+def hub_env(hub: FakeHub, tmp_path: Path) -> dict:
+    env = {
+        k: v for k, v in os.environ.items() if not k.upper().endswith("_PROXY") and not k.startswith("HF_")
+    }
+    env.update(
+        HF_ENDPOINT=hub.endpoint,
+        HF_HOME=str(tmp_path / "hf_home"),
+        HF_HUB_DISABLE_PROGRESS_BARS="1",
+        HF_HUB_DISABLE_TELEMETRY="1",
+        NO_PROXY="127.0.0.1,localhost",
+        PYTHONPATH=str(REPO),
+    )
+    return env
+
+
+def run_fetch(hub: FakeHub, tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        fetch_command(*args),
+        cwd=tmp_path,
+        env=hub_env(hub, tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=90,
+    )
+
+
+def error_line(stderr: str) -> str:
+    lines = stderr.strip().splitlines()
+    assert [line for line in lines if line.startswith("error:")] == [lines[-1]], stderr
+    return lines[-1]
+
+
+def test_fetch_lays_out_what_the_fineweb_config_reads_and_a_rerun_skips_everything(hub, hub_files, tmp_path):
+    proc = run_fetch(hub, tmp_path, "--variant", "sp1024", "--train-shards", "2")
+    assert proc.returncode == 0, proc.stderr
+
+    config = yaml.safe_load((REPO / "conf" / "data" / "fineweb_sp1024.yaml").read_text())
+    dataset_dir, tokenizer = tmp_path / config["path"], tmp_path / config["tokenizer"]
+    assert tokenizer.read_bytes() == hub_files["datasets/tokenizers/fineweb_1024_bpe.model"]
+    assert tokenizer.with_suffix(".vocab").is_file()
+    assert [p.name for p in list_shards(dataset_dir, "val")] == [
+        "fineweb_val_000000.bin",
+        "fineweb_val_000001.bin",
+    ]
+    assert [p.name for p in list_shards(dataset_dir, "train")] == [
+        "fineweb_train_000000.bin",
+        "fineweb_train_000001.bin",
+    ]
+    for path in [*list_shards(dataset_dir, "val"), *list_shards(dataset_dir, "train")]:
+        assert path.read_bytes() == hub_files[f"{DATASET}/{path.name}"]
+    assert (
+        json.loads((tmp_path / "data" / "manifest.json").read_text())["datasets"][0]["name"]
+        == "fineweb10B_sp1024"
+    )
+    assert not (tmp_path / "data" / ".fineweb-download").exists(), "staging is cleaned up after success"
+    assert ("GET", f"/datasets/{REPO_ID}/resolve/main/{DATASET}/fineweb_train_000002.bin") not in hub.requests
+
+    hub.requests.clear()
+    again = run_fetch(hub, tmp_path, "--variant", "sp1024", "--train-shards", "2")
+    assert again.returncode == 0, again.stderr
+    assert hub.requests == [], "complete files are recognised locally, without asking the hub"
+    assert again.stderr.count(": already complete\n") == 6, "2 tokenizer files, 2 val and 2 train shards"
+
+    # A local shard damaged after the fact is noticed and fetched again, alone.
+    damaged = dataset_dir / "fineweb_train_000001.bin"
+    damaged.write_bytes(damaged.read_bytes()[:-2])
+    hub.requests.clear()
+    third = run_fetch(hub, tmp_path, "--variant", "sp1024", "--train-shards", "2")
+    assert third.returncode == 0, third.stderr
+    assert (
+        f"{damaged.relative_to(tmp_path)}: size" in third.stderr and "; downloading it again" in third.stderr
+    )
+    assert {path for _, path in hub.requests} == {
+        f"/datasets/{REPO_ID}/resolve/main/{DATASET}/{damaged.name}"
+    }
+    assert damaged.read_bytes() == hub_files[f"{DATASET}/{damaged.name}"]
+
+
+@pytest.mark.parametrize("damage", ["empty", "truncated"])
+def test_a_broken_shard_on_the_hub_is_retried_once_then_reported_and_not_kept(hub, tmp_path, damage):
+    name = f"{DATASET}/fineweb_train_000001.bin"
+    # Zero-byte files are a known failure of the published dataset; a truncated one has a valid header.
+    hub.files[name] = b"" if damage == "empty" else hub.files[name][:-100]
+    proc = run_fetch(hub, tmp_path, "--train-shards", "3")
+    assert proc.returncode == 1
+    line = error_line(proc.stderr)
+    assert "fineweb_train_000001.bin" in line and "rerun" in line
+    assert ("0 bytes is shorter" if damage == "empty" else "does not match its header") in line
+    assert "retrying once" in proc.stderr
+    assert hub.requests.count(("HEAD", f"/datasets/{REPO_ID}/resolve/main/{name}")) == 2, "two attempts"
+    dataset_dir = tmp_path / "data" / "datasets" / "fineweb10B_sp1024"
+    assert [p.name for p in list_shards(dataset_dir, "train")] == [
+        "fineweb_train_000000.bin",
+        "fineweb_train_000002.bin",
+    ]
+    assert list((tmp_path / "data").rglob("fineweb_train_000001.bin")) == [], (
+        "the broken download was deleted"
+    )
+
+
+def _rejected(path: Path) -> bool:
+    try:
+        read_shard_header(path)
+    except ValueError:
+        return True
+    return False
+
+
+def test_a_connection_dropped_mid_body_ends_with_an_intact_shard(hub, hub_files, tmp_path):
+    name = f"{DATASET}/fineweb_val_000001.bin"
+    hub.cut_once.add(name)
+    proc = run_fetch(hub, tmp_path, "--train-shards", "1")
+    assert proc.returncode == 0, proc.stderr
+    assert hub.requests.count(("GET", f"/datasets/{REPO_ID}/resolve/main/{name}")) == 2, "one cut, one resume"
+    local = tmp_path / "data" / "datasets" / "fineweb10B_sp1024" / "fineweb_val_000001.bin"
+    assert local.read_bytes() == hub_files[name]
+
+
+def test_a_killed_download_leaves_nothing_the_loader_accepts_and_a_rerun_completes(hub, hub_files, tmp_path):
+    name = f"{DATASET}/fineweb_train_000000.bin"
+    hub.stall = name
+    proc = subprocess.Popen(
+        fetch_command("--train-shards", "1"),
+        cwd=tmp_path,
+        env=hub_env(hub, tmp_path),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        assert hub.half_sent.wait(timeout=60), "the download never started"
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
+    hub.release.set()
+    dataset_dir = tmp_path / "data" / "datasets" / "fineweb10B_sp1024"
+    assert list_shards(dataset_dir, "train") == []
+    # The killed client's temporary file is there (the download really was cut mid-body) under a name no
+    # loader globs for; no file anywhere under data/ looks like a train shard.
+    assert list((tmp_path / "data" / ".fineweb-download").rglob("*.incomplete"))
+    assert list((tmp_path / "data").rglob("*_train_[0-9]*.bin")) == []
+
+    hub.stall = None
+    again = run_fetch(hub, tmp_path, "--train-shards", "1")
+    assert again.returncode == 0, again.stderr
+    assert (dataset_dir / "fineweb_train_000000.bin").read_bytes() == hub_files[name]
+    assert not (tmp_path / "data" / ".fineweb-download").exists(), "the killed run's partial file is gone"
+
+
+def test_asking_for_more_train_shards_than_published_is_a_usage_error(hub, tmp_path):
+    proc = run_fetch(hub, tmp_path, "--train-shards", "4")
+    assert proc.returncode == 2
+    assert "--train-shards 4: fineweb10B_sp1024 has only 3 train shards" in error_line(proc.stderr)
+    assert not (tmp_path / "data" / "datasets").exists()
+
+
+def test_a_variant_missing_from_the_manifest_is_named(hub, tmp_path):
+    proc = run_fetch(hub, tmp_path, "--variant", "sp4096", "--train-shards", "1")
+    assert proc.returncode == 2
+    assert "fineweb10B_sp4096 is not in" in error_line(proc.stderr) and "fineweb10B_sp1024" in error_line(
+        proc.stderr
+    )
+
+
+def test_without_huggingface_hub_the_error_says_what_to_install(tmp_path):
+    code = (
+        "import sys; sys.modules['huggingface_hub'] = None\n"  # makes `import huggingface_hub` fail
+        "from speedrun.data.fineweb import main; raise SystemExit(main(['--train-shards', '1']))"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=60,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )  # fmt: skip
+    assert proc.returncode == 2
+    assert (
+        error_line(proc.stderr) == "error: huggingface_hub is not installed; pip install 'speedrun[fineweb]'"
+    )
