@@ -53,9 +53,10 @@ class Sizes:
     model: dict  # GPT keyword arguments
     seq_len: int
     batch_tokens: int  # per optimizer step, one micro-step
-    steps: int  # per run of either loop
-    skip: int  # leading step intervals dropped as warm-up (allocator, caches, compilation)
-    repeats: int  # trainer/bare pairs
+    steps: int  # per trainer run (the bare loop steps alongside)
+    skip: int  # leading steps of each run left out as warm-up (allocator, caches, compilation)
+    min_runs: int  # trainer runs at least; more while trainer_seconds last
+    trainer_seconds: float  # time budget of the trainer comparison: more steps, smaller error
     val_tokens: int
     eval_batch_tokens: int
     loader_seq_len: int
@@ -71,18 +72,19 @@ REFERENCE_LOADER = dict(loader_seq_len=1024, loader_tokens=65536)
 
 # A CPU step of ~100 ms: long enough that timer noise is small, short enough for dozens of steps.
 CPU_SIZES = Sizes(
-    model=TINY_GPT, seq_len=128, batch_tokens=2048, steps=15, skip=3, repeats=10, val_tokens=32768,
-    eval_batch_tokens=8192, loader_seconds=2.0, cli_repeats=5, **REFERENCE_LOADER,
+    model=TINY_GPT, seq_len=128, batch_tokens=2048, steps=40, skip=3, min_runs=2, trainer_seconds=90,
+    val_tokens=32768, eval_batch_tokens=8192, loader_seconds=2.0, cli_repeats=5, **REFERENCE_LOADER,
 )  # fmt: skip
 # parameter-golf's baseline model and per-rank batch.
 CUDA_SIZES = Sizes(
-    model=PG_GPT, seq_len=1024, batch_tokens=65536, steps=40, skip=10, repeats=3, val_tokens=1048576,
-    eval_batch_tokens=65536, loader_seconds=2.0, cli_repeats=5, **REFERENCE_LOADER,
+    model=PG_GPT, seq_len=1024, batch_tokens=65536, steps=40, skip=10, min_runs=3, trainer_seconds=60,
+    val_tokens=1048576, eval_batch_tokens=65536, loader_seconds=2.0, cli_repeats=5, **REFERENCE_LOADER,
 )  # fmt: skip
 # Plumbing only (tests): seconds in all, numbers meaningless.
 TINY_SIZES = Sizes(
-    model=TINY_GPT, seq_len=64, batch_tokens=256, steps=4, skip=1, repeats=2, val_tokens=1024,
-    eval_batch_tokens=512, loader_seq_len=64, loader_tokens=4096, loader_seconds=0.1, cli_repeats=1,
+    model=TINY_GPT, seq_len=64, batch_tokens=256, steps=4, skip=1, min_runs=2, trainer_seconds=0,
+    val_tokens=1024, eval_batch_tokens=512, loader_seq_len=64, loader_tokens=4096, loader_seconds=0.1,
+    cli_repeats=1,
 )  # fmt: skip
 
 
@@ -223,8 +225,13 @@ def bench_trainer(sizes: Sizes, device: torch.device, workdir: Path) -> list[Res
 
     trainer_ms: list[tuple[float, float]] = []
     bare_ms: list[tuple[float, float]] = []
-    for repeat in range(sizes.repeats):
-        progress(f"trainer vs bare loop, interleaved step by step: run {repeat + 1}/{sizes.repeats}")
+    start = time.perf_counter()
+    runs = 0
+    while runs < sizes.min_runs or time.perf_counter() - start < sizes.trainer_seconds:
+        runs += 1
+        progress(
+            f"trainer vs bare loop, interleaved step by step: run {runs}, {len(trainer_ms)} steps so far"
+        )
         bare = BareLoop(
             bare_forward, *fresh(bare_model), data.train_loader(0, 1, device), sizes.batch_tokens, cuda
         )
@@ -240,11 +247,15 @@ def bench_trainer(sizes: Sizes, device: torch.device, workdir: Path) -> list[Res
         Trainer(trainer_model, optimizer, schedule, interleaved, MultiSink(), settings, ctx, config={}).fit()
         trainer_ms += interleaved.loader.trainer_ms[sizes.skip :]
         bare_ms += interleaved.loader.bare_ms[sizes.skip :]
-    return trainer_results(sizes, trainer_ms, bare_ms, cuda)
+    return trainer_results(sizes, trainer_ms, bare_ms, runs, cuda)
 
 
 def trainer_results(
-    sizes: Sizes, trainer_ms: list[tuple[float, float]], bare_ms: list[tuple[float, float]], cuda: bool
+    sizes: Sizes,
+    trainer_ms: list[tuple[float, float]],
+    bare_ms: list[tuple[float, float]],
+    runs: int,
+    cuda: bool,
 ) -> list[Result]:
     """Median step times and their ratio: by CPU time on a CPU (the work a step costs, whatever
     the neighbours on a shared machine do), by synchronized wall time on CUDA; the other clock
@@ -258,7 +269,7 @@ def trainer_results(
     main, other = ("wall", "cpu") if cuda else ("cpu", "wall")
     names = {"wall": "wall time", "cpu": "CPU time"}
     shape = f"{sizes.model['num_layers']}x{sizes.model['model_dim']} GPT, {sizes.batch_tokens} tokens/step"
-    steps = f"{len(trainer_ms)} + {len(bare_ms)} steps, {sizes.repeats} runs interleaved step by step"
+    steps = f"{len(trainer_ms)} + {len(bare_ms)} steps, {runs} runs interleaved step by step"
     details = {
         "trainer_step_ms": {clock: [t[i] for t in trainer_ms] for clock, i in clocks.items()},
         "bare_step_ms": {clock: [t[i] for t in bare_ms] for clock, i in clocks.items()},

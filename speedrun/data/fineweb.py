@@ -321,6 +321,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except FetchError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("error: interrupted; the files already in place are complete, rerun to resume", file=sys.stderr)
+        return 130
     if counts["failed"]:
         print(
             f"error: {len(counts['failed'])} files could not be fetched intact from {args.repo_id}, nothing broken "

@@ -380,7 +380,7 @@ class Progress:
             f"{documents:,} docs, {tokens:,} tokens, {mb / max(now - self.start, 1e-9):.1f} MB/s"
         )
         if self.tty:
-            self.stream.write("\r" + line + ("\n" if final else ""))
+            self.stream.write("\r" + line + "\x1b[K" + ("\n" if final else ""))  # ESC[K: erase the old tail
         else:
             self.stream.write(line + "\n")
         self.stream.flush()
