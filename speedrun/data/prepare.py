@@ -625,9 +625,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--workers",
         type=_positive_int,
-        default=min(8, os.cpu_count() or 1),
+        # One core stays with the parent, which reads, parses and writes; 1 means no worker processes.
+        default=max(1, min(8, (os.cpu_count() or 1) - 1)),
         metavar="W",
-        help="tokenizing processes (default: CPU count, at most 8)",
+        help="tokenizing processes (default: CPU count - 1, at most 8)",
     )
     parser.add_argument(
         "--sample-docs",
