@@ -119,7 +119,9 @@ def run_job(cfg: DictConfig) -> float:
         # and the sweep-end callback lists the failures.
         sys.exit(1)
     # Sweepers (Optuna) need a float for every job: NaN marks a job that did not complete.
-    return summary["val_bpb"] if status == "completed" and summary.get("val_bpb") is not None else float("nan")
+    return (
+        summary["val_bpb"] if status == "completed" and summary.get("val_bpb") is not None else float("nan")
+    )
 
 
 def _silence_logging() -> None:

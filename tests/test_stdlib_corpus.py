@@ -15,6 +15,7 @@ import sentencepiece as spm
 from speedrun.data import DataError
 from speedrun.data.shards import list_shards, load_shard, read_shard_header
 from speedrun.data.stdlib_corpus import (
+    BUILD_VERSION,
     MANIFEST,
     build_stdlib_corpus,
     default_cache_dir,
@@ -28,9 +29,9 @@ BOS = 1
 
 def test_default_cache_follows_speedrun_cache(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.delenv("SPEEDRUN_CACHE", raising=False)
-    assert default_cache_dir(512).parts[-3:] == (".cache", "speedrun", "stdlib_v1_512")
+    assert default_cache_dir(512).parts[-3:] == (".cache", "speedrun", f"stdlib_v{BUILD_VERSION}_512")
     monkeypatch.setenv("SPEEDRUN_CACHE", str(tmp_path))
-    assert default_cache_dir() == tmp_path / "stdlib_v1_1024"
+    assert default_cache_dir() == tmp_path / f"stdlib_v{BUILD_VERSION}_1024"
 
 
 def test_manifest_records_a_complete_build(stdlib_corpus_dir: Path) -> None:

@@ -73,7 +73,8 @@ def write_shard(path: str | os.PathLike, tokens: np.ndarray) -> None:
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     with open(tmp, "wb") as f:
         f.write(header.tobytes())
-        f.write(tokens.astype(TOKEN_DTYPE, copy=False).tobytes())
+        # A memoryview, not .tobytes(): no second copy of a shard that may hold 100M tokens.
+        f.write(memoryview(np.ascontiguousarray(tokens, dtype=TOKEN_DTYPE)))
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)

@@ -10,7 +10,6 @@ complete build, and the whole folder appears by one atomic rename, so concurrent
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 import os
@@ -21,20 +20,19 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import sentencepiece as spm
 
 from speedrun.data import DataError
 from speedrun.data.shards import write_shard
+from speedrun.data.tokenizer import encode_documents, train_sentencepiece
 
 log = logging.getLogger(__name__)
 
-BUILD_VERSION = 1
+BUILD_VERSION = 2
 MANIFEST = "manifest.json"
 MAX_CORPUS_BYTES = 24_000_000  # caps tokenizer training + encoding time on newer, larger stdlibs
 VAL_PER_MILLE = 20  # ~2% of documents, chosen by a hash of their path
 SHARD_TOKENS = 1 << 20  # small shards, so even the default run streams across shard boundaries
-SENTENCE_BYTES = 4096  # SentencePiece skips longer "sentences"; training text is cut at line ends
 # Not library source: tests, the IDE, the retired 2to3, build-machine data, bundled wheels, doc dumps.
 EXCLUDED_DIRS = {"site-packages", "test", "tests", "idlelib", "lib2to3", "__pycache__", "lib-dynload"}
 EXCLUDED_DIRS |= {"ensurepip", "pydoc_data"}
@@ -42,7 +40,7 @@ EXCLUDED_FILE_PREFIXES = ("_sysconfigdata",)  # differs between builds of the sa
 
 
 def default_cache_dir(vocab_size: int = 1024) -> Path:
-    """`$SPEEDRUN_CACHE/stdlib_v1_<vocab>`, else `<repo>/.cache/speedrun/...` (else ~/.cache)."""
+    """`$SPEEDRUN_CACHE/stdlib_v<BUILD_VERSION>_<vocab>`, else `<repo>/.cache/speedrun/...` (else ~/.cache)."""
     if root := os.environ.get("SPEEDRUN_CACHE"):
         base = Path(root).expanduser()
     else:
@@ -103,53 +101,9 @@ def is_val_document(rel_path: str) -> bool:
     return int.from_bytes(digest[:4], "little") % 1000 < VAL_PER_MILLE
 
 
-def _training_sentences(texts: list[str]):
-    """Documents cut at line ends into pieces under SENTENCE_BYTES, newlines kept (so ':\\n' can merge)."""
-    for text in texts:
-        chunk: list[str] = []
-        size = 0
-        for line in text.splitlines(keepends=True):
-            if chunk and size + len(line) > SENTENCE_BYTES:
-                yield "".join(chunk)
-                chunk, size = [], 0
-            chunk.append(line)
-            size += len(line)
-        if chunk:
-            yield "".join(chunk)
-
-
-def train_tokenizer(texts: list[str], vocab_size: int) -> bytes:
-    """A byte-preserving SentencePiece BPE model, with parameter-golf's special-token ids."""
-    model = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=_training_sentences(texts),
-        model_writer=model,
-        model_type="bpe",
-        vocab_size=vocab_size,
-        byte_fallback=True,
-        split_digits=True,
-        add_dummy_prefix=False,
-        # identity + keep whitespace: decode(encode(text)) == text, so byte counts are the file's bytes.
-        normalization_rule_name="identity",
-        remove_extra_whitespaces=False,
-        pad_id=0,
-        bos_id=1,
-        eos_id=2,
-        unk_id=3,
-        character_coverage=0.9995,
-        max_sentence_length=SENTENCE_BYTES * 4,  # in bytes; a long line must not drop its chunk
-        input_sentence_size=20_000,  # ~80 MB of chunks at most: more than the capped corpus holds
-        shuffle_input_sentence=False,
-        num_threads=2,
-        minloglevel=2,
-    )
-    return model.getvalue()
-
-
 def _encode_to_shards(sp: spm.SentencePieceProcessor, texts: list[str], folder: Path, split: str) -> int:
     # BOS opens every document: the model sees where files start, and bpb does not count a space there.
-    docs = [np.array([sp.bos_id(), *doc], dtype=np.uint16) for doc in sp.encode(texts, num_threads=2)]
-    tokens = np.concatenate(docs) if docs else np.zeros(0, dtype=np.uint16)
+    tokens = encode_documents(sp, texts)
     for index, start in enumerate(range(0, max(len(tokens), 1), SHARD_TOKENS)):
         write_shard(folder / f"stdlib_{split}_{index:06d}.bin", tokens[start : start + SHARD_TOKENS])
     return len(tokens)
@@ -170,11 +124,14 @@ def _build_into(folder: Path, vocab_size: int) -> dict:
         time.perf_counter() - t0,
     )
     t1 = time.perf_counter()
-    model_bytes = train_tokenizer(train, vocab_size)
-    (folder / f"stdlib_{vocab_size}_bpe.model").write_bytes(model_bytes)
+    # The whole (capped) train split is the tokenizer's sample: 20k chunks of 4 KB hold it all.
+    model_path = train_sentencepiece(
+        train, folder / f"stdlib_{vocab_size}_bpe", vocab_size, max_sentences=20_000
+    )
+    (folder / f"stdlib_{vocab_size}_bpe.vocab").unlink(missing_ok=True)
     log.info("stdlib corpus: trained a %d-token BPE tokenizer in %.1fs", vocab_size, time.perf_counter() - t1)
     t2 = time.perf_counter()
-    sp = spm.SentencePieceProcessor(model_proto=model_bytes)
+    sp = spm.SentencePieceProcessor(model_file=str(model_path))
     train_tokens = _encode_to_shards(sp, train, folder, "train")
     val_tokens = _encode_to_shards(sp, val, folder, "val")
     log.info(

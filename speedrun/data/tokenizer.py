@@ -23,16 +23,33 @@ PAD_ID, BOS_ID, EOS_ID, UNK_ID = 0, 1, 2, 3
 # Characters seen in fewer than 0.05% of the sample get no piece of their own and are spelled with byte
 # pieces instead; 1.0 would let a few rare scripts eat a small vocab (or make it impossible).
 CHARACTER_COVERAGE = 0.9995
-# SentencePiece silently drops training lines longer than this many bytes (its default is 4192).
-MAX_LINE_BYTES = 16384
+# Training text is cut at line ends into chunks of about this size; SentencePiece silently drops
+# "sentences" longer than max_sentence_length, so that is set well above it (a single long line).
+CHUNK_BYTES = 4096
+MAX_SENTENCE_BYTES = 4 * CHUNK_BYTES
 
 
-def _training_lines(text_iter: Iterable[str]) -> Iterator[str]:
-    """Documents -> their non-empty lines: SentencePiece trains on "sentences", not whole documents."""
+def training_chunks(text_iter: Iterable[str], max_bytes: int = CHUNK_BYTES) -> Iterator[str]:
+    """Documents cut at line ends into "sentences" under `max_bytes`, newlines kept.
+
+    SentencePiece trains on sentences, not whole documents. Keeping the newlines lets it learn
+    pieces such as `:\n` (useful for code), and cutting only at line ends keeps every byte.
+    Whitespace-only chunks teach nothing and are dropped.
+    """
     for text in text_iter:
-        for line in text.split("\n"):
-            if line.strip():
-                yield line
+        chunk: list[str] = []
+        size = 0
+        for line in text.splitlines(keepends=True):
+            if chunk and size + len(line) > max_bytes:
+                joined = "".join(chunk)
+                if joined.strip():
+                    yield joined
+                chunk, size = [], 0
+            chunk.append(line)
+            size += len(line)
+        joined = "".join(chunk)
+        if joined.strip():
+            yield joined
 
 
 def train_sentencepiece(
@@ -45,14 +62,14 @@ def train_sentencepiece(
 ) -> Path:
     """Train a BPE tokenizer on (a bounded sample of) `text_iter`; return the path of `<model_prefix>.model`.
 
-    `text_iter` yields documents (or lines); at most `max_sentences` lines are read from it, so a
-    generator over a huge corpus is safe. The caller should still pass a sample (tens of MB at most):
+    `text_iter` yields documents; at most `max_sentences` chunks of them (`training_chunks`) are read,
+    so a generator over a huge corpus is safe. The caller should still pass a sample (tens of MB at most):
     SentencePiece holds everything it reads in memory. Writes `<model_prefix>.model` and `.vocab`, each
     atomically. Raises ValueError with a one-line explanation when the text cannot support `vocab_size`.
     """
     model_prefix = Path(model_prefix)
     model_prefix.parent.mkdir(parents=True, exist_ok=True)
-    lines = itertools.islice(_training_lines(text_iter), max_sentences)
+    lines = itertools.islice(training_chunks(text_iter), max_sentences)
     first = next(lines, None)
     if first is None:
         raise ValueError("no text to train the tokenizer on (every document is empty)")
@@ -75,8 +92,9 @@ def train_sentencepiece(
             eos_id=EOS_ID,
             unk_id=UNK_ID,
             input_sentence_size=max_sentences,
-            shuffle_input_sentence=True,
-            max_sentence_length=MAX_LINE_BYTES,
+            # The caller bounds the sample; no shuffling keeps the tokenizer a pure function of the text.
+            shuffle_input_sentence=False,
+            max_sentence_length=MAX_SENTENCE_BYTES,
             num_threads=threads,
             minloglevel=2,  # its INFO log is a page per run; errors still raise
         )
