@@ -16,6 +16,7 @@ import pytest
 from speedrun.data.prepare import main
 from speedrun.data.shards import list_shards, load_shard
 from speedrun.data.tokenizer import encode_documents, load_sentencepiece, train_sentencepiece
+from tests.conftest import cli_env, read_summary, run_train
 
 REPO = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.timeout(120)
@@ -293,3 +294,23 @@ def test_console_script_entry_point_is_declared():
         env={**os.environ, "COLUMNS": "100"},
     )
     assert proc.returncode == 0 and "--vocab-size" in proc.stdout and "--val-docs" in proc.stdout
+
+
+def test_a_prepared_corpus_trains_through_the_cli(tmp_path, docs):
+    """The whole path a researcher takes: prepare a corpus, then train on it with data=shards."""
+    corpus = write_jsonl(tmp_path / "corpus.jsonl", docs)
+    out = tmp_path / "prepared"
+    prep = subprocess.run(
+        [sys.executable, "-m", "speedrun.prepare", "--input", str(corpus), "--output", str(out),
+         "--vocab-size", "512", "--val-docs", "30", "--workers", "1"],
+        cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert prep.returncode == 0, prep.stderr
+    run_dir = tmp_path / "run"
+    run_train(
+        run_dir, "data=shards", f"data.path={out}", f"data.tokenizer={out / 'tokenizer.model'}",
+        "model.vocab_size=512", "trainer.max_steps=6", "trainer.val_every=3", "trainer.export=false",
+    )  # fmt: skip
+    summary = read_summary(run_dir)
+    assert summary["status"] == "completed" and summary["steps"] == 6
+    assert "prepared" in (run_dir / "train.log").read_text()
