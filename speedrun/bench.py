@@ -1,15 +1,17 @@
 """`make bench`: what the framework costs, measured side by side with what it wraps.
 
-Every number is a comparison taken in one run, so a loaded or slow machine shifts both sides alike:
+Every figure is measured in one run, side by side where there is a comparison:
 - trainer: the real `Trainer` against a bare loop written here (same model, optimizer, schedule,
-  batches and precision), interleaved A/B, B/A, ... and compared by median step time;
+  batches and precision), alternating step by step and compared by median step time;
 - data: tokens per second one rank's loader delivers (the reference's per-rank batch);
 - eval: tokens per second of `speedrun.eval.evaluate`;
 - cli: `--cfg job` latency and the time from process start to the first training record;
 - gpu: tokens/s and MFU with all speed features, then with each one switched off (CUDA only).
 
-`python -m speedrun.bench [--only SECTION ...] [--out bench.json] [--check] [--tiny]` prints a
-table and writes JSON; it exits 0 (it is a report) unless --check is given and a target fails.
+`python -m speedrun.bench [--only SECTION ...] [--out bench.json] [--check] [--tiny] [--threads N]`
+prints a table and writes JSON; it exits 0 (it is a report) unless --check is given and a target
+fails. On a CPU it runs torch with one thread (--threads) and glibc's heap kept for reuse (see
+steady_cpu_allocator), so that a shared machine's load and allocator history do not swamp a 3 % test.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -71,10 +73,10 @@ PG_GPT = dict(vocab_size=1024, num_layers=9, model_dim=512, num_heads=8, num_kv_
 # The reference's per-rank batch: 524,288 tokens over 8 ranks, 64 sequences of 1024.
 REFERENCE_LOADER = dict(loader_seq_len=1024, loader_tokens=65536)
 
-# A CPU step of ~100 ms: long enough that timer noise is small, short enough for dozens of steps.
+# A CPU step of ~50 ms of CPU time: long against timer noise, short enough for hundreds of steps.
 CPU_SIZES = Sizes(
     model=TINY_GPT, seq_len=128, batch_tokens=2048, steps=40, skip=3, min_runs=2, trainer_seconds=90,
-    val_tokens=32768, eval_batch_tokens=8192, loader_seconds=2.0, cli_repeats=5, **REFERENCE_LOADER,
+    val_tokens=32768, eval_batch_tokens=4096, loader_seconds=2.0, cli_repeats=5, **REFERENCE_LOADER,
 )  # fmt: skip
 # parameter-golf's baseline model and per-rank batch.
 CUDA_SIZES = Sizes(
@@ -99,11 +101,12 @@ class Result:
     target: tuple[str, float] | None = None
     note: str = ""
     details: dict = field(default_factory=dict)
+    skipped: bool = False  # not measurable here (no CUDA); a None value otherwise means it failed
 
     @property
     def status(self) -> str:
         if self.value is None:
-            return "skipped" if self.note.startswith("skipped") else "fail"
+            return "skipped" if self.skipped else "fail"
         if self.target is None:
             return "info"
         op, bound = self.target
@@ -228,6 +231,7 @@ def bench_trainer(sizes: Sizes, device: torch.device, workdir: Path) -> list[Res
     bare_ms: list[tuple[float, float]] = []
     start = time.perf_counter()
     runs = 0
+    weight_difference = 0.0
     while runs < sizes.min_runs or time.perf_counter() - start < sizes.trainer_seconds:
         runs += 1
         progress(
@@ -248,7 +252,10 @@ def bench_trainer(sizes: Sizes, device: torch.device, workdir: Path) -> list[Res
         Trainer(trainer_model, optimizer, schedule, interleaved, MultiSink(), settings, ctx, config={}).fit()
         trainer_ms += interleaved.loader.trainer_ms[sizes.skip :]
         bare_ms += interleaved.loader.bare_ms[sizes.skip :]
-    return trainer_results(sizes, trainer_ms, bare_ms, runs, cuda)
+        # Proof that both did the same work: the same updates from the same batches (bitwise on a CPU).
+        pairs = zip(trainer_model.parameters(), bare_model.parameters(), strict=True)
+        weight_difference = max(weight_difference, *((a - b).abs().max().item() for a, b in pairs))
+    return trainer_results(sizes, trainer_ms, bare_ms, runs, weight_difference, cuda)
 
 
 def trainer_results(
@@ -256,6 +263,7 @@ def trainer_results(
     trainer_ms: list[tuple[float, float]],
     bare_ms: list[tuple[float, float]],
     runs: int,
+    weight_difference: float,
     cuda: bool,
 ) -> list[Result]:
     """Median step times and their ratio: by CPU time on a CPU (the work a step costs, whatever
@@ -274,6 +282,7 @@ def trainer_results(
     details = {
         "trainer_step_ms": {clock: [t[i] for t in trainer_ms] for clock, i in clocks.items()},
         "bare_step_ms": {clock: [t[i] for t in bare_ms] for clock, i in clocks.items()},
+        "max_weight_difference": weight_difference,
         "sizes": asdict(sizes),
     }
     ratio = {clock: median["trainer", clock] / median["bare", clock] for clock in clocks}
@@ -304,7 +313,7 @@ def bench_data(sizes: Sizes) -> list[Result]:
                 "M tok/s",
                 (">=", 100.0),
                 note=f"{sizes.loader_tokens} tokens x seq {sizes.loader_seq_len} per batch",
-            )  # fmt: skip
+            )
         )
     return results
 
@@ -314,6 +323,8 @@ def bench_eval(sizes: Sizes, device: torch.device) -> list[Result]:
     data = StdlibCorpus(seq_len=sizes.seq_len, val_tokens=sizes.val_tokens)
     data.prepare()
     model = build_model(sizes, device)
+    # As the trainer evaluates: compiled on CUDA (the first of the three passes compiles).
+    eval_model = torch.compile(model, dynamic=False, fullgraph=True) if device.type == "cuda" else model
     val_tokens = data.load_val_tokens()
     luts = data.byte_luts(device)
     autocast_dtype = torch.bfloat16 if device.type == "cuda" else None
@@ -323,7 +334,7 @@ def bench_eval(sizes: Sizes, device: torch.device) -> list[Result]:
         synchronize(device)
         start = time.perf_counter()
         evaluate(
-            model, val_tokens, luts, seq_len=sizes.seq_len, batch_tokens=sizes.eval_batch_tokens,
+            eval_model, val_tokens, luts, seq_len=sizes.seq_len, batch_tokens=sizes.eval_batch_tokens,
             device=device, autocast_dtype=autocast_dtype,
         )  # fmt: skip
         synchronize(device)
@@ -334,29 +345,32 @@ def bench_eval(sizes: Sizes, device: torch.device) -> list[Result]:
             "evaluation tokens/s",
             tokens / statistics.median(seconds) / 1e6,
             "M tok/s",
-            note=f"{tokens} val tokens, {sizes.eval_batch_tokens} per forward, uncompiled",
-        )  # fmt: skip
+            note=f"{tokens} val tokens, {sizes.eval_batch_tokens} per forward",
+        )
     ]
 
 
 # --------------------------------------------------------------------------- command line
 
 
-def cli_env() -> dict:
-    return {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_SILENT": "true"}
+def cli_env(threads: int | None) -> dict:
+    """The user's environment, with the bench's CPU thread count (as in the in-process sections)."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_SILENT": "true"}
+    if threads is not None:
+        env["OMP_NUM_THREADS"] = str(threads)
+    return env
 
 
-def bench_cli(sizes: Sizes, workdir: Path) -> list[Result]:
+def bench_cli(sizes: Sizes, workdir: Path, threads: int | None) -> list[Result]:
     progress("--cfg job latency")
     command = [sys.executable, "-m", "speedrun.train", "--cfg", "job"]
     if sizes.cli_repeats > 1:
-        subprocess.run(command, cwd=workdir, env=cli_env(), capture_output=True, timeout=120)  # warm caches
+        # An untimed first run fills the OS file cache and Python's bytecode caches.
+        subprocess.run(command, env=cli_env(threads), capture_output=True, timeout=120)
     latencies = []
     for _ in range(sizes.cli_repeats):
         start = time.perf_counter()
-        proc = subprocess.run(
-            command, cwd=workdir, env=cli_env(), capture_output=True, text=True, timeout=120
-        )
+        proc = subprocess.run(command, env=cli_env(threads), capture_output=True, text=True, timeout=120)
         latencies.append(time.perf_counter() - start)
         if proc.returncode != 0:
             return [
@@ -370,14 +384,14 @@ def bench_cli(sizes: Sizes, workdir: Path) -> list[Result]:
             ("<=", 1.0),
             note=f"{len(latencies)} runs",
             details={"seconds": latencies},
-        )  # fmt: skip
+        )
     ]
     progress("time to first step")
-    results.append(time_to_first_step(workdir / "first_step"))
+    results.append(time_to_first_step(workdir / "first_step", threads))
     return results
 
 
-def time_to_first_step(run_dir: Path) -> Result:
+def time_to_first_step(run_dir: Path, threads: int | None) -> Result:
     """Seconds from starting a tiny real run to its first training record in metrics.jsonl."""
     overrides = [
         "model=gpt_tiny", "data.seq_len=64", "data.val_tokens=4096", "trainer.train_batch_tokens=1024",
@@ -389,7 +403,7 @@ def time_to_first_step(run_dir: Path) -> Result:
     start = time.perf_counter()
     with subprocess.Popen(
         [sys.executable, "-m", "speedrun.train", *overrides],
-        env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        env=cli_env(threads), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
     ) as proc:  # fmt: skip
         first = None
         while first is None and time.perf_counter() - start < 300:
@@ -419,7 +433,7 @@ def last_line(text: str | None) -> str:
 
 def bench_gpu(sizes: Sizes, device: torch.device) -> list[Result]:
     if device.type != "cuda":
-        return [Result("GPU tokens/s and MFU per speed feature", None, "", note="skipped: no CUDA")]
+        return [Result("GPU tokens/s and MFU per speed feature", None, "", note="no CUDA", skipped=True)]
     results = []
     reference = None
     for off in (None, *SPEED_FEATURES):
@@ -437,7 +451,7 @@ def bench_gpu(sizes: Sizes, device: torch.device) -> list[Result]:
                 "M tok/s",
                 note=note,
                 details={"mfu": model_mfu, "feature_off": off},
-            )  # fmt: skip
+            )
         )
     return results
 
@@ -462,8 +476,9 @@ def gpu_throughput(sizes: Sizes, device: torch.device, off: str | None) -> tuple
     data = StdlibCorpus(seq_len=sizes.seq_len)
     data.prepare()
     loader = data.train_loader(0, 1, device)
-    backends = [b for b in SDPBackend if b != SDPBackend.FLASH_ATTENTION and b != SDPBackend.ERROR]
-    attention = sdpa_kernel(backends) if off == "flash_sdpa" else contextlib.nullcontext()
+    # Every SDPA backend but flash: torch picks the best of the rest, as it would without flash.
+    not_flash = [SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+    attention = sdpa_kernel(not_flash) if off == "flash_sdpa" else contextlib.nullcontext()
     model.train()
     with attention:
         for step in range(sizes.skip + sizes.steps):
@@ -530,7 +545,7 @@ def steady_cpu_allocator() -> bool:
     return bool(mallopt(m_mmap_threshold, 32 << 20)) and bool(mallopt(m_trim_threshold, 1 << 30))
 
 
-def machine(device: torch.device) -> dict:
+def machine(device: torch.device, heap_reuse: bool) -> dict:
     return {
         "platform": platform.platform(),
         "python": platform.python_version(),
@@ -538,6 +553,7 @@ def machine(device: torch.device) -> dict:
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "glibc_heap_reuse": heap_reuse,
     }
 
 
@@ -569,10 +585,8 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cpu":
         torch.set_num_threads(args.threads)
-    steady_allocator = steady_cpu_allocator()
+    heap_reuse = steady_cpu_allocator()
     sizes = TINY_SIZES if args.tiny else CUDA_SIZES if device.type == "cuda" else CPU_SIZES
-    if args.tiny and device.type == "cuda":
-        sizes = replace(sizes, steps=sizes.skip + 3)
     results: list[Result] = []
     with tempfile.TemporaryDirectory(prefix="speedrun-bench-") as tmp:
         workdir = Path(tmp)
@@ -586,13 +600,13 @@ def main(argv: list[str] | None = None) -> int:
             elif section == "eval":
                 results += bench_eval(sizes, device)
             elif section == "cli":
-                results += bench_cli(sizes, workdir)
+                results += bench_cli(sizes, workdir, args.threads if device.type == "cpu" else None)
             else:
                 results += bench_gpu(sizes, device)
     wall_s = time.perf_counter() - wall_start
     report = {
         "date": datetime.date.today().isoformat(),
-        "machine": {**machine(device), "glibc_heap_reuse": steady_allocator},
+        "machine": machine(device, heap_reuse),
         "wall_s": wall_s,
         "results": [{**asdict(r), "status": r.status} for r in results],
     }

@@ -108,6 +108,9 @@ def _train(config: dict, info: dict, ctx, run_dir: Path) -> dict:
     model = instantiate(cfg.model).to(ctx.device)
     if ctx.device.type == "cuda":
         model.cast_for_cuda_training()
+        # The reference's fast-math knobs: fp32 matmuls (outside autocast) may use TF32.
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     vocab = data.vocab_size()
     if vocab != config["model"]["vocab_size"]:
         raise ValueError(
