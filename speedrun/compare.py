@@ -19,6 +19,7 @@ from pathlib import Path
 
 import yaml
 
+from speedrun.cli import Parser
 from speedrun.stats import TTest, mean_and_std, t_test_mean_below
 
 # Summary fields shown for every job, in this order, after the swept overrides.
@@ -382,7 +383,7 @@ def plot_final_vs_swept(axis: object, jobs: list[Job], swept: list[str], metric:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="speedrun-compare", description=__doc__.split("\n\n")[0])
+    parser = Parser(prog="speedrun-compare", description=__doc__.split("\n\n")[0])
     parser.add_argument("paths", nargs="+", type=Path, metavar="PATH", help="run folders or sweep folders")
     parser.add_argument("--out", type=Path, help="where comparison.{md,csv,png} go (default: the first PATH)")
     parser.add_argument(

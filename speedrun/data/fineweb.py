@@ -26,6 +26,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from speedrun.cli import Parser
 from speedrun.data.shards import ShardError, read_shard_header
 from speedrun.data.tokenizer import load_sentencepiece
 
@@ -265,11 +266,6 @@ def _log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one `error:` line, like every other failure here
-        self.exit(2, f"error: {message} (see --help)\n")
-
-
 def _count(text: str) -> int:
     value = int(text)
     if value < 0:
@@ -278,7 +274,7 @@ def _count(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
+    parser = Parser(
         prog="python -m speedrun.data.fineweb",
         description="Download parameter-golf's tokenized FineWeb export (val split, N train shards, tokenizer).",
     )

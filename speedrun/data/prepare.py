@@ -36,6 +36,7 @@ from typing import IO
 import numpy as np
 import sentencepiece as spm
 
+from speedrun.cli import Parser
 from speedrun.data.shards import MAX_TOKEN_ID, TOKEN_DTYPE, list_shards, write_shard
 from speedrun.data.tokenizer import encode_documents, load_sentencepiece, train_sentencepiece
 
@@ -542,11 +543,6 @@ def _log(message: str) -> None:
 # Command line
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one `error:` line, as for every other input problem
-        self.exit(2, f"error: {message} (see --help)\n")
-
-
 def _positive_int(text: str) -> int:
     value = int(text.replace("_", ""))
     if value <= 0:
@@ -570,7 +566,7 @@ def _prefix(text: str) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
+    parser = Parser(
         prog="python -m speedrun.prepare",
         description="Train a SentencePiece tokenizer on a text corpus and write train/val token shards.",
     )
