@@ -49,7 +49,8 @@ def test_wallclock_cap_stops_on_training_time(tmp_path):
               "trainer.export=false")  # fmt: skip
     summary = read_summary(run_dir)
     assert summary["status"] == "completed"
-    assert 2000 <= summary["train_time_ms"] < 2000 + 5 * summary["step_avg_ms"] + 500
+    # It stops after the step that crosses the cap: at most one step (slack for a loaded machine) late.
+    assert 2000 <= summary["train_time_ms"] < 2000 + max(5 * summary["step_avg_ms"], 1500)
     assert "stopping_early: wallclock_cap" in (run_dir / "train.log").read_text()
 
 
