@@ -17,6 +17,7 @@ import logging
 import math
 import resource
 import signal
+import sys
 import threading
 import time
 import warnings
@@ -34,9 +35,6 @@ from speedrun.export import load_artifact, save_artifact
 from speedrun.flops import mfu
 
 log = logging.getLogger("speedrun")
-
-PACKAGE_DIR = Path(__file__).resolve().parent
-
 
 @dataclass
 class TrainerSettings:
@@ -89,8 +87,14 @@ class StopRequest:
 
 
 def code_bytes() -> int:
-    """Size of the framework's source: what the reference counts as the submission's code."""
-    return sum(p.stat().st_size for p in PACKAGE_DIR.rglob("*.py"))
+    """Bytes of the framework source this run imported: the reference counts its training script
+    as the submission's code, so tools a run never loads (compare, bench, prepare) do not count."""
+    files = {
+        Path(module.__file__)
+        for name, module in list(sys.modules.items())
+        if (name == "speedrun" or name.startswith("speedrun.")) and getattr(module, "__file__", None)
+    }
+    return sum(f.stat().st_size for f in files)
 
 
 class Trainer:

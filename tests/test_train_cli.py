@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from tests.conftest import read_metrics, read_summary, run_train
+from tests.conftest import REPO, read_metrics, read_summary, run_train
 
 pytestmark = pytest.mark.usefixtures("corpus")
 
@@ -27,6 +27,10 @@ def test_tiny_run_leaves_every_output_and_learns(tmp_path):
     assert summary["steps"] == 30 and summary["tokens_seen"] == 30 * 1024
     assert summary["mfu"] is None  # no GPU, no MFU
     assert summary["artifact_bytes"] == summary["model_bytes"] + summary["code_bytes"]
+    # Code bytes count the framework source the run imported, not tools it never loads.
+    package = REPO / "speedrun"
+    tools = sum((package / name).stat().st_size for name in ("compare.py", "bench.py", "data/prepare.py"))
+    assert 0 < summary["code_bytes"] <= sum(p.stat().st_size for p in package.rglob("*.py")) - tools
     assert (run_dir / "final_model.int8.ptz").stat().st_size == summary["model_bytes"]
     assert (run_dir / ".hydra" / "config.yaml").exists() and (run_dir / "train.log").exists()
     assert list((run_dir / "checkpoints").glob("step_*.pt"))
