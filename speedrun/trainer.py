@@ -36,6 +36,7 @@ from speedrun.flops import mfu
 
 log = logging.getLogger("speedrun")
 
+
 @dataclass
 class TrainerSettings:
     run_dir: Path
