@@ -99,15 +99,6 @@ def first_failure(ctx: DistContext, message: str) -> str:
         return entry
 
 
-def broadcast_object(ctx: DistContext, obj: object) -> object:
-    """Rank 0's value of `obj` on every rank."""
-    if not ctx.distributed:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0, group=ctx.control_group)
-    return box[0]
-
-
 def barrier(ctx: DistContext) -> None:
     if ctx.distributed:
         dist.barrier(group=ctx.control_group)

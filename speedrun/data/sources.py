@@ -16,7 +16,7 @@ import sentencepiece as spm
 import torch
 
 from speedrun.data import DataError
-from speedrun.data.shards import ShardError, load_shard, read_shard_header
+from speedrun.data.shards import ShardError, list_shards, load_shard, read_shard_header
 from speedrun.data.stdlib_corpus import build_stdlib_corpus, default_cache_dir
 from speedrun.data.stream import DistributedTokenLoader
 from speedrun.eval import build_byte_luts
@@ -154,10 +154,10 @@ class StdlibCorpus(DataSource):
         self._verify()
 
     def train_files(self) -> list[Path]:
-        return sorted(self.cache_dir.glob("stdlib_train_*.bin"))
+        return list_shards(self.cache_dir, "train")
 
     def val_files(self) -> list[Path]:
-        return sorted(self.cache_dir.glob("stdlib_val_*.bin"))
+        return list_shards(self.cache_dir, "val")
 
     def tokenizer_path(self) -> Path:
         return self.cache_dir / f"stdlib_{self.requested_vocab_size}_bpe.model"
