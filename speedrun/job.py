@@ -54,19 +54,13 @@ def run_rank(config: dict, info: dict) -> dict | None:
     if "PYTORCH_CUDA_ALLOC_CONF" not in os.environ:
         # Fewer fragmentation stalls on long runs (nanochat's setting); must precede CUDA init.
         os.environ["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
-    from speedrun.distributed import cleanup, first_failure, init_distributed
+    from speedrun.distributed import cleanup, init_distributed
 
     ctx = init_distributed(config["trainer"]["device"])
-    try:
-        summary = _train(config, info, ctx, run_dir)
-    except BaseException as exc:
-        if not isinstance(exc, KeyboardInterrupt):
-            first_failure(ctx, f"{type(exc).__name__}: {exc}")
-            _log_failure(run_dir, ctx.rank, exc)
-        # The process group is left to process exit: tearing it down here would break the other
-        # ranks' collectives before the launcher has recorded this rank's error, hiding which rank
-        # failed first; and NCCL's teardown can hang while a peer is dead.
-        raise
+    # If _train raises, the process group is left to process exit: tearing it down here would break
+    # the other ranks' collectives before the launcher has recorded this rank's error, hiding which
+    # rank failed first; and NCCL's teardown can hang while a peer is dead.
+    summary = _train(config, info, ctx, run_dir)
     cleanup(ctx)
     if summary["status"] == "interrupted" and os.environ.get(INTERNAL_LAUNCH_ENV):
         # A rank of our elastic launcher that returns waits for the launcher to collect every
@@ -86,15 +80,51 @@ def _log_failure(run_dir: Path, rank: int, exc: BaseException) -> None:
 
 
 def _train(config: dict, info: dict, ctx, run_dir: Path) -> dict:
+    """Build the trainer and fit; however the run ends, rank 0 reports it in summary.json."""
+    from speedrun.distributed import first_failure
+    from speedrun.trainer import signals_held
+
+    trainer = None
+    summary = {"status": "failed", "error": None}
+    try:
+        trainer = _build_trainer(config, info, ctx, run_dir)
+        summary = trainer.fit()
+    except BaseException as exc:
+        with signals_held():
+            summary["error"] = f"{type(exc).__name__}: {exc}"
+            if isinstance(exc, KeyboardInterrupt):
+                summary["status"] = "interrupted"
+            else:
+                # Rank 0 reports the rank that failed first (maybe itself), not its own broken collective.
+                summary["error"] = first_failure(ctx, summary["error"])
+                _log_failure(run_dir, ctx.rank, exc)
+            _report(summary, config, info, ctx, run_dir, trainer.sinks if trainer else None)
+        raise
+    _report(summary, config, info, ctx, run_dir, trainer.sinks)
+    return summary
+
+
+def _report(summary: dict, config: dict, info: dict, ctx, run_dir: Path, sinks) -> None:
+    from speedrun.summary import write_summary
+
+    summary.update(seed=int(config["seed"]), overrides=info["overrides"], world_size=ctx.world_size)
+    summary.setdefault("error", None)
+    if ctx.is_main:
+        if sinks is not None:
+            sinks.finish(summary)
+        write_summary(run_dir, summary)
+        log.info("summary: %s", run_dir / "summary.json")
+
+
+def _build_trainer(config: dict, info: dict, ctx, run_dir: Path):
+    """Every component from the resolved config, seeded, on this rank's device."""
     import numpy as np
     import torch
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
     from speedrun.config.validate import parse_compile, split_batch
-    from speedrun.distributed import first_failure
     from speedrun.sinks import build_sinks
-    from speedrun.summary import write_summary
     from speedrun.trainer import Trainer, TrainerSettings
 
     cfg = OmegaConf.create(config)
@@ -160,23 +190,4 @@ def _train(config: dict, info: dict, ctx, run_dir: Path) -> dict:
         logger_cfg=config["logger"], run_dir=run_dir, config=config, run_info=info, is_rank0=ctx.is_main,
         total_steps=max_steps, max_wallclock_ms=max_wallclock_ms, log=log,
     )  # fmt: skip
-    summary = {"status": "failed", "error": None}
-    try:
-        trainer = Trainer(model, optimizer, schedule, data, sinks, settings, ctx, config, flops_per_token)
-        summary = trainer.fit()
-    except BaseException as exc:
-        summary["error"] = f"{type(exc).__name__}: {exc}"
-        if isinstance(exc, KeyboardInterrupt):
-            summary["status"] = "interrupted"
-        else:
-            # Rank 0 reports the rank that failed first (maybe itself), not its own broken collective.
-            summary["error"] = first_failure(ctx, summary["error"])
-        raise
-    finally:
-        summary.update(seed=seed, overrides=info["overrides"], world_size=ctx.world_size)
-        summary.setdefault("error", None)
-        if ctx.is_main:
-            sinks.finish(summary)
-            write_summary(run_dir, summary)
-            log.info("summary: %s", run_dir / "summary.json")
-    return summary
+    return Trainer(model, optimizer, schedule, data, sinks, settings, ctx, config, flops_per_token)

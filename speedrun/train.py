@@ -102,9 +102,12 @@ def run_job(cfg: DictConfig) -> float:
         # collective break (or the launcher's SIGTERM) because of that rank.
         rank_failed = isinstance(exc, RankFailure)
         message = str(exc) if rank_failed else _one_line(exc)
-        log.error("error: %s", message)
         if not external or external_rank() == 0:  # rank 0 alone writes summary.json
             _ensure_summary(run_dir, info, cfg, "failed", message, replace=rank_failed)
+            # Under torchrun, rank 0's summary names the rank that failed first; so does its log.
+            recorded = ((read_summary(run_dir) or {}).get("error") or "").strip()
+            message = recorded.splitlines()[0] if recorded else message
+        log.error("error: %s", message)
     if external and external_rank() != 0:
         # Another rank of an external torchrun: a failure must show in this process's exit code,
         # so that torchrun stops the job and names this rank; rank 0 reports the rest.

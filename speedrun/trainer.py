@@ -87,6 +87,21 @@ class StopRequest:
                 signal.signal(sig, handler)
 
 
+@contextlib.contextmanager
+def signals_held():
+    """Hold SIGTERM / SIGINT while the body runs, then deliver what arrived to the usual handler.
+
+    A failing rank's report (which rank failed first, its traceback, summary.json) must not be cut
+    short: the moment one rank dies, torchrun sends SIGTERM to the others, which otherwise becomes a
+    KeyboardInterrupt in the middle of the report. A signal that arrived still takes effect after it.
+    """
+    held = StopRequest()
+    with held.installed():
+        yield
+    if held.signal_name is not None:
+        signal.raise_signal(signal.Signals[held.signal_name])
+
+
 def code_bytes() -> int:
     """Bytes of the framework source this run imported: the reference counts its training script
     as the submission's code, so tools a run never loads (compare, bench, prepare) do not count."""

@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from speedrun.data.shards import HEADER_BYTES
+from speedrun.trainer import signals_held
 from tests.conftest import REPO, TINY, cli_env, read_metrics, read_summary
 
 STEPS = 12
@@ -192,6 +193,26 @@ def test_a_rank_that_raises_fails_the_job(launcher: str, corrupt_data: list[str]
     assert summary["status"] == "failed"
     # Rank 0 only saw its all-reduce break; the summary names the rank that raised, and why.
     assert summary["error"].startswith("rank 1 failed: IndexError: index out of range"), summary["error"]
+
+
+def test_a_signal_during_a_failure_report_waits_for_the_report() -> None:
+    """The moment one rank dies, torchrun sends SIGTERM to the others; rank 0 must still finish
+    naming the culprit in summary.json before that SIGTERM (a KeyboardInterrupt) takes effect."""
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    reported = []
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with signals_held():
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(0.05)  # an unheld signal's handler would run here, before the report
+                reported.append("summary.json")
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert reported == ["summary.json"]
 
 
 @pytest.mark.timeout(300)
