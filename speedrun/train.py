@@ -10,6 +10,7 @@ answer instantly.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import signal
 import sys
@@ -74,10 +75,10 @@ def _run_info(cfg: DictConfig) -> dict:
 
 
 def run_job(cfg: DictConfig) -> float:
-    """Run one job (one run folder); return the final val_bpb for sweepers (NaN if it failed)."""
-    from speedrun.launch import RankFailure, adopt_slurm_task, external_rank, launch, local_world_size
+    """Run one job (one run folder); return the final val_bpb for sweepers (+inf if it failed)."""
+    from speedrun.launch import RankFailure, adopt_submitit_task, external_rank, launch, local_world_size
 
-    adopt_slurm_task()
+    adopt_submitit_task()
     info = _run_info(cfg)
     run_dir = Path(info["run_dir"])
     external = external_rank() is not None
@@ -121,10 +122,12 @@ def run_job(cfg: DictConfig) -> float:
         # A single run reports failure through its exit code; in a sweep the other jobs go on
         # and the sweep-end callback lists the failures.
         sys.exit(1)
-    # Sweepers (Optuna) need a float for every job: NaN marks a job that did not complete.
-    return (
-        summary["val_bpb"] if status == "completed" and summary.get("val_bpb") is not None else float("nan")
-    )
+    # Sweepers (Optuna) need a float for every job. A job that did not complete scores the worst
+    # val_bpb, +inf, which also steers a search away from its learning rates; NaN would crash the
+    # released Optuna sweeper (hydra-optuna-sweeper 1.2.0 re-tells the failed trial: hydra#2237).
+    if status != "completed" or summary.get("val_bpb") is None:
+        return math.inf
+    return summary["val_bpb"]
 
 
 def _silence_logging() -> None:

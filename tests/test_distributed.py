@@ -261,6 +261,26 @@ def test_a_micro_batch_that_does_not_divide_the_batch_is_refused(tmp_path: Path)
     assert "trainer.micro_batch_tokens=384" in read_summary(run_dir)["error"]
 
 
+@pytest.mark.timeout(300)
+def test_submitit_tasks_are_the_ranks_of_one_job(reference: Path, tmp_path: Path) -> None:
+    """hydra-submitit-launcher runs the whole job in every task. With the plugin's local executor
+    (what `hydra/launcher=slurm` does on a cluster, on this machine) two tasks must be the two ranks
+    of one job, in one folder, computing what one rank computes: not two copies of the job."""
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="the `slurm` extra is not installed")
+    sweep = tmp_path / "sweep"
+    proc = succeeded(
+        run([*TRAIN, "-m", "hydra/launcher=submitit_local", "hydra.launcher.tasks_per_node=2", *FAST,
+             f"hydra.sweep.dir={sweep}"])
+    )  # fmt: skip
+    (run_dir,) = [p for p in sweep.iterdir() if p.is_dir() and not p.name.startswith(".")]
+    log = (run_dir / "train.log").read_text()
+    assert log.count(f"step {STEPS}/{STEPS} ") == 1, log[-2000:]
+    assert "world_size:2 grad_accum_steps:4 micro_batch_tokens:128" in log
+    assert read_summary(run_dir)["status"] == "completed"
+    assert "1/1 jobs completed" in proc.stdout
+    assert_same_training(run_dir, reference)
+
+
 def test_slurm_preset_runs_one_task_per_gpu() -> None:
     """`hydra/launcher=slurm` extends the hydra-submitit-launcher plugin's config: it composes only
     where the optional `slurm` extra is installed, so without it this test skips."""

@@ -182,6 +182,40 @@ def test_failed_and_diverged_jobs_do_not_stop_the_sweep(tmp_path):
     assert all(row["error"] for row in rows[1:])
 
 
+@pytest.mark.timeout(150)
+def test_optuna_preset_searches_learning_rates_and_survives_diverged_trials(tmp_path):
+    """`hydra/sweeper=optuna_lr` (the optional plugin, installed with the dev extra): every trial is a
+    job folder, a diverged trial scores +inf instead of crashing the study (hydra#2237), and the
+    study's best is the completed trial with the lowest val_bpb."""
+    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper", reason="the `optuna` extra is not installed")
+    sweep = tmp_path / "search"
+    # An embedding LR of 1e6 diverges at step 2; the sampler seed is one whose 3 trials draw both values.
+    proc = run_cli(
+        "speedrun.train", "-m", "hydra/sweeper=optuna_lr", "hydra.sweeper.n_trials=3",
+        "hydra.sweeper.sampler.seed=2", "optimizer.embed_lr=choice(0.05,1e6)", "trainer.max_loss=10",
+        *SWEEP_TINY, "data.seq_len=64", "logger=none", "trainer.max_steps=3", "trainer.export=false",
+        f"hydra.sweep.dir={sweep}", cwd=REPO, timeout=130,
+    )  # fmt: skip
+    jobs = job_folders(sweep)
+    assert len(jobs) == 3, explain(proc)
+    val_bpb = {}
+    for job in jobs:
+        summary = read_summary(job)
+        diverges = float(job_overrides(job)["optimizer.embed_lr"]) > 1
+        assert summary["status"] == ("diverged" if diverges else "completed"), (job.name, summary)
+        if not diverges:
+            val_bpb[job.name] = summary["val_bpb"]
+    assert 0 < len(val_bpb) < 3, "this sampler seed should draw both embedding LRs"
+    assert proc.returncode == 1, explain(proc)  # the sweep reports its diverged trials
+    assert f"{len(val_bpb)}/3 jobs completed" in proc.stdout
+    results = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
+    best = min(val_bpb, key=val_bpb.get)
+    assert results["best_value"] == pytest.approx(val_bpb[best])
+    assert {k: str(v) for k, v in results["best_params"].items()} == {
+        k: v for k, v in job_overrides(sweep / best).items() if k in results["best_params"]
+    }
+
+
 def compose_sweep(*overrides: str):
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
