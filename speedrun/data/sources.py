@@ -33,6 +33,7 @@ class DataSource:
 
     seq_len: int
     val_tokens_limit: int  # 0 = the whole validation split
+    tokenizer_label = "tokenizer"  # how errors name the tokenizer: the config key where the user sets it
 
     def __init__(self, seq_len: int, val_tokens: int):
         if seq_len < 1:
@@ -58,6 +59,10 @@ class DataSource:
         """The fix to quote when files are missing."""
         raise NotImplementedError
 
+    def where_shards_are(self, split: str) -> str:
+        """Where the `split` shards were looked for, for the error when there are none."""
+        return f"next to {self.tokenizer_path()}"
+
     def prepare(self) -> None:
         """Build or check everything; raise DataError naming the culprit and the fix."""
         self._verify()
@@ -65,7 +70,7 @@ class DataSource:
     def _verify(self) -> None:
         tokenizer = self.tokenizer_path()
         if not tokenizer.is_file():
-            raise DataError(f"tokenizer {tokenizer} not found; {self.how_to_make()}")
+            raise DataError(f"{self.tokenizer_label} {tokenizer} not found; {self.how_to_make()}")
         try:
             self.vocab_size()
         except (OSError, RuntimeError) as e:
@@ -74,7 +79,7 @@ class DataSource:
             ) from None
         for split, files in (("train", self.train_files()), ("val", self.val_files())):
             if not files:
-                raise DataError(f"no {split} shards found next to {tokenizer}; {self.how_to_make()}")
+                raise DataError(f"no {split} shards {self.where_shards_are(split)}; {self.how_to_make()}")
             for file in files:
                 try:
                     read_shard_header(file)
@@ -174,6 +179,8 @@ class StdlibCorpus(DataSource):
 class ShardDataset(DataSource):
     """Any prepared folder of `*_train_*.bin` / `*_val_*.bin` shards plus a SentencePiece model."""
 
+    tokenizer_label = "data.tokenizer"
+
     def __init__(
         self,
         path: str,
@@ -195,17 +202,11 @@ class ShardDataset(DataSource):
     def prepare(self) -> None:
         if not self.path.is_dir():
             raise DataError(f"data.path {self.path} is not a folder; {self.how_to_make()}")
-        if not self.tokenizer.is_file():
-            raise DataError(f"data.tokenizer {self.tokenizer} not found; {self.how_to_make()}")
-        for split, pattern, files in (
-            ("train", self.train_pattern, self.train_files()),
-            ("val", self.val_pattern, self.val_files()),
-        ):
-            if not files:
-                raise DataError(
-                    f"no {split} shards matching {pattern!r} in {self.path}; {self.how_to_make()}"
-                )
         self._verify()
+
+    def where_shards_are(self, split: str) -> str:
+        pattern = self.train_pattern if split == "train" else self.val_pattern
+        return f"matching {pattern!r} in {self.path}"
 
     def train_files(self) -> list[Path]:
         return sorted(self.path.glob(self.train_pattern))
