@@ -3,7 +3,8 @@
 Every figure is measured in one run, side by side where there is a comparison:
 - trainer: the real `Trainer` against a bare loop written here (same model, optimizer, schedule,
   batches and precision), alternating step by step and compared by median step time;
-- data: tokens per second one rank's loader delivers (the reference's per-rank batch);
+- data: tokens per second one rank's loader delivers (the reference's per-rank batch), and the
+  peak memory and speed of `speedrun.prepare` on a 100 MB JSON-lines corpus;
 - eval: tokens per second of `speedrun.eval.evaluate`;
 - cli: `--cfg job` latency and the time from process start to the first training record;
 - gpu: tokens/s and MFU with all speed features, then with each one switched off (CUDA only).
@@ -23,6 +24,7 @@ import datetime
 import json
 import os
 import platform
+import random
 import statistics
 import subprocess
 import sys
@@ -35,6 +37,7 @@ from pathlib import Path
 import torch
 
 from speedrun.data.sources import StdlibCorpus
+from speedrun.data.stdlib_corpus import stdlib_documents
 from speedrun.data.stream import measure_loader_throughput
 from speedrun.distributed import DistContext
 from speedrun.eval import evaluate
@@ -65,6 +68,7 @@ class Sizes:
     loader_seq_len: int
     loader_tokens: int  # per rank and batch
     loader_seconds: float
+    prepare_mb: float  # size of the JSON-lines corpus speedrun.prepare is measured on
     cli_repeats: int
 
 
@@ -76,18 +80,20 @@ REFERENCE_LOADER = dict(loader_seq_len=1024, loader_tokens=65536)
 # A CPU step of ~50 ms of CPU time: long against timer noise, short enough for hundreds of steps.
 CPU_SIZES = Sizes(
     model=TINY_GPT, seq_len=128, batch_tokens=2048, steps=40, skip=3, min_runs=2, trainer_seconds=90,
-    val_tokens=32768, eval_batch_tokens=4096, loader_seconds=2.0, cli_repeats=5, **REFERENCE_LOADER,
+    val_tokens=32768, eval_batch_tokens=4096, loader_seconds=2.0, prepare_mb=100, cli_repeats=5,
+    **REFERENCE_LOADER,
 )  # fmt: skip
 # parameter-golf's baseline model and per-rank batch.
 CUDA_SIZES = Sizes(
     model=PG_GPT, seq_len=1024, batch_tokens=65536, steps=40, skip=10, min_runs=3, trainer_seconds=60,
-    val_tokens=1048576, eval_batch_tokens=65536, loader_seconds=2.0, cli_repeats=5, **REFERENCE_LOADER,
+    val_tokens=1048576, eval_batch_tokens=65536, loader_seconds=2.0, prepare_mb=100, cli_repeats=5,
+    **REFERENCE_LOADER,
 )  # fmt: skip
 # Plumbing only (tests): seconds in all, numbers meaningless.
 TINY_SIZES = Sizes(
     model=TINY_GPT, seq_len=64, batch_tokens=256, steps=4, skip=1, min_runs=2, trainer_seconds=0,
     val_tokens=1024, eval_batch_tokens=512, loader_seq_len=64, loader_tokens=4096, loader_seconds=0.1,
-    cli_repeats=1,
+    prepare_mb=2, cli_repeats=1,
 )  # fmt: skip
 
 
@@ -316,6 +322,66 @@ def bench_data(sizes: Sizes) -> list[Result]:
             )
         )
     return results
+
+
+def bench_prepare(sizes: Sizes, workdir: Path) -> list[Result]:
+    """`speedrun.prepare` with its default workers on a JSON-lines corpus of `prepare_mb` MB: the
+    stdlib's sources, drawn at random, one document per line. It streams, so the memory it holds
+    must not grow with the corpus; the figure is the sum of its processes' resident memory."""
+    progress(f"speedrun.prepare on a {sizes.prepare_mb:g} MB JSON-lines corpus")
+    corpus = workdir / "prepare_input.jsonl"
+    size = write_jsonl_corpus(corpus, int(sizes.prepare_mb * 1e6))
+    command = [sys.executable, "-m", "speedrun.prepare", "--input", str(corpus), "--output",
+               str(workdir / "prepared"), "--vocab-size", "1024"]  # fmt: skip
+    start = time.perf_counter()
+    with open(workdir / "prepare.log", "w") as log:
+        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=cli_env(None))
+        peak_bytes = 0
+        while proc.poll() is None:
+            peak_bytes = max(peak_bytes, tree_rss_bytes(proc.pid))
+            time.sleep(0.05)
+    seconds = time.perf_counter() - start
+    label = f"speedrun.prepare peak memory ({size / 1e6:.0f} MB JSONL)"
+    if proc.returncode != 0:
+        note = f"failed: {last_line((workdir / 'prepare.log').read_text())}"
+        return [Result(label, None, "MiB", ("<=", 1024.0), note=note)]
+    return [
+        Result(
+            label, peak_bytes / 2**20, "MiB", ("<=", 1024.0), note="all its processes, sampled every 50 ms"
+        ),
+        Result(
+            "speedrun.prepare throughput", size / 1e6 / seconds, "MB/s", note="tokenizer training included"
+        ),
+    ]
+
+
+def write_jsonl_corpus(path: Path, size: int) -> int:
+    """A JSON-lines file of about `size` bytes from the stdlib's sources; returns its size."""
+    documents = [json.dumps({"text": text}) + "\n" for _, text in stdlib_documents()]
+    rng = random.Random(0)
+    written = 0
+    with open(path, "w") as f:
+        while written < size:
+            line = rng.choice(documents)
+            f.write(line)
+            written += len(line.encode())
+    return written
+
+
+def tree_rss_bytes(root: int) -> int:
+    """Resident memory of a process and all its descendants, from /proc (Linux; 0 elsewhere)."""
+    total, todo = 0, [root]
+    while todo:
+        pid = todo.pop()
+        try:
+            status = Path(f"/proc/{pid}/status").read_text()
+            children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+        except OSError:
+            continue  # exited meanwhile
+        rss_kib = next((int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS:")), 0)
+        total += rss_kib * 1024
+        todo += [int(child) for child in children]
+    return total
 
 
 def bench_eval(sizes: Sizes, device: torch.device) -> list[Result]:
@@ -596,7 +662,7 @@ def main(argv: list[str] | None = None) -> int:
             if section == "trainer":
                 results += bench_trainer(sizes, device, workdir)
             elif section == "data":
-                results += bench_data(sizes)
+                results += bench_data(sizes) + bench_prepare(sizes, workdir)
             elif section == "eval":
                 results += bench_eval(sizes, device)
             elif section == "cli":

@@ -61,7 +61,13 @@ def test_only_runs_the_sections_asked_for(tmp_path: Path, corpus: Path) -> None:
     assert [r["metric"] for r in report["results"]] == [
         "loader tokens/s per rank (rank 0 of 1)",
         "loader tokens/s per rank (rank 0 of 8)",
+        "speedrun.prepare peak memory (2 MB JSONL)",
+        "speedrun.prepare throughput",
     ]
+    # The prepare run really happened: a tokenizer, shards and memory of its processes were measured.
+    prepare = report["results"][2]
+    assert prepare["target"] == ["<=", 1024.0] and prepare["value"] > 10, prepare
+    assert report["results"][3]["value"] > 0
 
 
 def test_check_exits_1_only_when_a_measured_target_is_missed() -> None:
