@@ -197,14 +197,20 @@ def load_checkpoint(path: str | os.PathLike, *, mmap: bool = False) -> dict:
 
 
 def select_checkpoint(
-    manager: CheckpointManager, resume: str, config: dict, force: bool, *, mmap: bool = False
+    manager: CheckpointManager,
+    resume: str,
+    config: dict,
+    force: bool,
+    *,
+    mmap: bool = False,
+    warn: bool = True,
 ) -> tuple[dict, Path] | None:
     """The checkpoint a run continues from, or None to start afresh.
 
     resume="auto": the newest valid checkpoint in the run's own folder; "never": none (refused
     when the folder already holds checkpoints, which a fresh run would mix with its own); anything
     else: a checkpoint file, or a run/checkpoints folder whose newest valid one is used. A config
-    that changes the run is refused, naming the keys, unless `force`.
+    that changes the run is refused, naming the keys, unless `force` (then `warn` says so in the log).
     """
     if resume == "never":
         if existing := manager.paths():
@@ -234,7 +240,7 @@ def select_checkpoint(
             f"checkpoint {path} was made with a different config ({'; '.join(differences)}); "
             "resume with the same config, use a new run folder, or set trainer.resume_force=true"
         )
-    if differences:
+    if differences and warn:
         log.warning("warning: resuming %s despite config changes (%s)", path, "; ".join(differences))
     return state, path
 

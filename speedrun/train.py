@@ -147,8 +147,8 @@ def _choose_checkpoint(config: dict, run_dir: Path) -> str:
 
     tc = config["trainer"]
     manager = CheckpointManager(run_dir / "checkpoints")
-    # mmap: only the config is read here; the ranks load the tensors.
-    found = select_checkpoint(manager, str(tc["resume"]), config, tc["resume_force"], mmap=True)
+    # mmap: only the config is read here; the ranks load the tensors, and rank 0 logs a forced resume.
+    found = select_checkpoint(manager, str(tc["resume"]), config, tc["resume_force"], mmap=True, warn=False)
     return str(found[1]) if found else "never"
 
 

@@ -264,7 +264,9 @@ class Trainer:
         """Continue from the checkpoint `settings.resume` selects (see select_checkpoint), and cut
         metrics.jsonl back to the records written before it, so it holds exactly this run's history
         (an empty file on a fresh start in a reused folder)."""
-        found = select_checkpoint(self.checkpoints, self.s.resume, self.config, self.s.resume_force)
+        found = select_checkpoint(
+            self.checkpoints, self.s.resume, self.config, self.s.resume_force, warn=self.ctx.is_main
+        )
         if found is not None:
             state, path = found
             self.model.load_state_dict(state["model"], strict=True)

@@ -374,6 +374,16 @@ def test_resume_with_a_changed_config_is_refused_in_one_line_and_changes_nothing
 
 
 @pytest.mark.timeout(120)
+def test_resume_force_accepts_a_changed_config_and_says_so_once(reference, tmp_path):
+    run_dir = copy_run(reference, tmp_path)
+    proc = run_train(run_dir, *EXACT, "data.seq_len=128", "trainer.resume_force=true")
+    output, log = proc.stdout + proc.stderr, (run_dir / "train.log").read_text()
+    warning = "despite config changes (data.seq_len: 64 -> 128)"
+    assert output.count(warning) == 1 and log.count(warning) == 1, output
+    assert "resumed from" in log and read_summary(run_dir)["status"] == "completed"
+
+
+@pytest.mark.timeout(120)
 def test_a_checkpoint_carrying_code_is_refused_and_the_code_never_runs(tmp_path):
     class Payload:
         """Unpickling this creates `marker`: what a hostile checkpoint would do, harmlessly."""
