@@ -82,6 +82,7 @@ def _log_failure(run_dir: Path, rank: int, exc: BaseException) -> None:
 def _train(config: dict, info: dict, ctx, run_dir: Path) -> dict:
     """Build the trainer and fit; however the run ends, rank 0 reports it in summary.json."""
     from speedrun.distributed import first_failure
+    from speedrun.summary import error_message
     from speedrun.trainer import signals_held
 
     trainer = None
@@ -91,7 +92,7 @@ def _train(config: dict, info: dict, ctx, run_dir: Path) -> dict:
         summary = trainer.fit()
     except BaseException as exc:
         with signals_held():
-            summary["error"] = f"{type(exc).__name__}: {exc}"
+            summary["error"] = error_message(exc)
             if isinstance(exc, KeyboardInterrupt):
                 summary["status"] = "interrupted"
             else:

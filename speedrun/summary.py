@@ -13,6 +13,13 @@ SUMMARY_FIELDS = (
 )  # fmt: skip
 
 
+def error_message(exc: BaseException) -> str:
+    """summary.json's `error` for an exception: its type and first line, so that tables and sweep
+    reports stay one line per job (the whole traceback is in train.log)."""
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0] if lines else ''}".rstrip(": ")
+
+
 def write_summary(run_dir: str | os.PathLike, values: dict) -> Path:
     """Write every DESIGN field (null when unknown) plus any extras, via a temporary file + rename."""
     path = Path(run_dir) / "summary.json"

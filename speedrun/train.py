@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from speedrun.config import register_configs, validate_config
 from speedrun.config.resolvers import register_resolvers
-from speedrun.summary import read_summary, write_summary
+from speedrun.summary import error_message, read_summary, write_summary
 
 log = logging.getLogger("speedrun")
 
@@ -102,7 +102,7 @@ def run_job(cfg: DictConfig) -> float:
         # A failed rank's own error replaces rank 0's summary, which may only have seen its
         # collective break (or the launcher's SIGTERM) because of that rank.
         rank_failed = isinstance(exc, RankFailure)
-        message = str(exc) if rank_failed else _one_line(exc)
+        message = str(exc) if rank_failed else error_message(exc)
         if not external or external_rank() == 0:  # rank 0 alone writes summary.json
             _ensure_summary(run_dir, info, cfg, "failed", message, replace=rank_failed)
             # Under torchrun, rank 0's summary names the rank that failed first; so does its log.
@@ -159,11 +159,6 @@ def _prepare_data(cfg: DictConfig) -> None:
     data = instantiate(cfg.data)
     data.prepare()
     log.info("data: %s", data.describe())
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
 
 
 def _ensure_summary(
