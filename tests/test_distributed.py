@@ -262,16 +262,17 @@ def test_a_micro_batch_that_does_not_divide_the_batch_is_refused(tmp_path: Path)
 
 
 @pytest.mark.timeout(300)
-def test_submitit_tasks_are_the_ranks_of_one_job(reference: Path, tmp_path: Path) -> None:
+def test_submitit_tasks_are_the_ranks_of_one_job(reference: Path, corpus: Path, tmp_path: Path) -> None:
     """hydra-submitit-launcher runs the whole job in every task. With the plugin's local executor
     (what `hydra/launcher=slurm` does on a cluster, on this machine) two tasks must be the two ranks
-    of one job, in one folder, computing what one rank computes: not two copies of the job."""
+    of one job, in one folder, computing what one rank computes: not two copies of the job. Run from
+    an empty folder, so that every task must also agree on the default `multirun_outputs/<date>_<time>`."""
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="the `slurm` extra is not installed")
-    sweep = tmp_path / "sweep"
     proc = succeeded(
         run([*TRAIN, "-m", "hydra/launcher=submitit_local", "hydra.launcher.tasks_per_node=2", *FAST,
-             f"hydra.sweep.dir={sweep}"])
+             f"data.cache_dir={corpus}"], cwd=tmp_path)
     )  # fmt: skip
+    (sweep,) = (tmp_path / "multirun_outputs").iterdir()
     (run_dir,) = [p for p in sweep.iterdir() if p.is_dir() and not p.name.startswith(".")]
     log = (run_dir / "train.log").read_text()
     assert log.count(f"step {STEPS}/{STEPS} ") == 1, log[-2000:]
