@@ -106,8 +106,7 @@ def run_job(cfg: DictConfig) -> float:
         if not external or external_rank() == 0:  # rank 0 alone writes summary.json
             _ensure_summary(run_dir, info, cfg, "failed", message, replace=rank_failed)
             # Under torchrun, rank 0's summary names the rank that failed first; so does its log.
-            recorded = ((read_summary(run_dir) or {}).get("error") or "").strip()
-            message = recorded.splitlines()[0] if recorded else message
+            message = (read_summary(run_dir) or {}).get("error") or message
         log.error("error: %s", message)
     if external and external_rank() != 0:
         # Another rank of an external torchrun: a failure must show in this process's exit code,
