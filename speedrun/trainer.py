@@ -299,8 +299,13 @@ class Trainer:
         # Everything allocated so far lives until the end: keep the collector from rescanning it.
         gc.collect()
         gc.freeze()
-        with self.stop.installed():
-            outcome = self._loop(train_model, eval_model, loader, val_tokens, luts)
+        try:
+            with self.stop.installed():
+                outcome = self._loop(train_model, eval_model, loader, val_tokens, luts)
+        finally:
+            # Collectable again once the loop ends: a sweep runs job after job in one process, and
+            # the model's DDP wrapper must be freed before its process group is destroyed (cleanup).
+            gc.unfreeze()
         return self._finish(outcome, eval_model, loader, val_tokens, luts)
 
     def _loop(self, train_model, eval_model, loader, val_tokens, luts) -> dict:

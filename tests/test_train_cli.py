@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import gc
 import json
 
 import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import OmegaConf
 
-from tests.conftest import REPO, read_metrics, read_summary, run_train
+from speedrun.config import register_configs
+from speedrun.job import run_rank
+from tests.conftest import REPO, TINY, read_metrics, read_summary, run_train
 
 pytestmark = pytest.mark.usefixtures("corpus")
 
@@ -79,3 +85,17 @@ def test_overrides_and_seed_are_recorded(tmp_path):
     assert summary["seed"] == 7
     assert "seed=7" in summary["overrides"]
     assert json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 2
+
+
+def test_a_job_leaves_the_collector_as_it_found_it(tmp_path, corpus):
+    """The trainer freezes the garbage collector for its loop; a sweep runs job after job in one
+    process, so each job must unfreeze it, or every model it built would stay in memory for good."""
+    register_configs()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose("config", overrides=[*TINY, f"data.cache_dir={corpus}", "trainer.max_steps=2"])
+    config = OmegaConf.to_container(cfg, resolve=True)
+    assert gc.get_freeze_count() == 0
+    summary = run_rank(config, {"run_dir": str(tmp_path), "overrides": []})
+    assert summary["status"] == "completed" and summary["steps"] == 2
+    assert gc.get_freeze_count() == 0
