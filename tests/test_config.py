@@ -16,6 +16,7 @@ from omegaconf import OmegaConf
 from speedrun.config import ConfigError, register_configs, validate_config
 from speedrun.config.resolvers import claim_dir, register_resolvers, safe_name
 from speedrun.config.validate import split_batch
+from speedrun.models.protocol import parameter_groups
 from tests.conftest import REPO, cli_env
 
 CONF = REPO / "conf"
@@ -48,9 +49,10 @@ def test_pg_9x512_has_the_reference_parameter_count():
 @pytest.mark.parametrize("option", options("optimizer"))
 def test_optimizer_options_complete_with_a_model(option):
     cfg = compose_with(f"optimizer={option}", "model=gpt_tiny")
-    optimizer = instantiate(cfg.optimizer)(instantiate(cfg.model))
-    optimizer.prepare_step(0, 1.0)
-    assert optimizer.optimizers
+    model = instantiate(cfg.model)
+    optimizer = instantiate(cfg.optimizer)(parameter_groups(model))
+    optimized = [p for group in optimizer.param_groups for p in group["params"]]
+    assert sorted(map(id, optimized)) == sorted(map(id, model.parameters()))
 
 
 @pytest.mark.parametrize("option", options("schedule"))

@@ -21,8 +21,8 @@ from urllib.parse import unquote, urlparse
 
 import numpy as np
 import pytest
-import yaml
 
+from speedrun.config import compose
 from speedrun.data.shards import list_shards, read_shard_header, write_shard
 from speedrun.data.tokenizer import train_sentencepiece
 
@@ -201,7 +201,7 @@ def test_fetch_lays_out_what_the_fineweb_config_reads_and_a_rerun_skips_everythi
     proc = run_fetch(hub, tmp_path, "--variant", "sp1024", "--train-shards", "2")
     assert proc.returncode == 0, proc.stderr
 
-    config = yaml.safe_load((REPO / "conf" / "data" / "fineweb_sp1024.yaml").read_text())
+    config = compose(["data=fineweb_sp1024"]).data
     dataset_dir, tokenizer = tmp_path / config["path"], tmp_path / config["tokenizer"]
     assert tokenizer.read_bytes() == hub_files["datasets/tokenizers/fineweb_1024_bpe.model"]
     assert tokenizer.with_suffix(".vocab").is_file()

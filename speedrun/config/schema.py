@@ -1,9 +1,14 @@
-"""Typed schemas for every config option, registered in Hydra's ConfigStore.
+"""Typed schemas for every shipped config option: the one place each default is written.
 
-Each YAML option extends its schema through its defaults list (`/schema/<group>/<name>@_here_`), so
-an unknown key or a value of the wrong type -- in a file or on the command line -- is refused by
-OmegaConf while the config is composed, before any work starts. Nothing here imports torch: a
-bad config must be reported in well under a second.
+Each YAML option extends its schema through its defaults list (`/speedrun_schema/<group>/<name>@_here_`)
+and states only what differs from it, so an unknown key or a value of the wrong type -- in a file
+or on the command line -- is refused by OmegaConf while the config is composed, before any work
+starts. The classes the schemas instantiate (`_target_`) carry the same defaults in their
+signatures, for use from Python; `tests/test_config.py` fails when the two disagree or when an
+option repeats a schema value. Nothing here imports torch: a bad config must be reported in well
+under a second.
+
+A component outside speedrun needs no schema: a YAML with a `_target_` is enough (untyped).
 """
 
 from __future__ import annotations
@@ -11,7 +16,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
 # --------------------------------------------------------------------------- model
@@ -19,7 +23,7 @@ from omegaconf import MISSING
 
 @dataclass
 class GPTConfig:
-    """parameter-golf's GPT (see speedrun/models/gpt.py)."""
+    """parameter-golf's GPT (speedrun/models/gpt.py); the defaults are the record's 9x512 layout."""
 
     _target_: str = "speedrun.models.GPT"
     vocab_size: int = 1024
@@ -36,12 +40,13 @@ class GPTConfig:
 
 
 # --------------------------------------------------------------------------- optimizer
-# Optimizers are partials: the trainer completes them with the model.
+# Optimizers are partials: the trainer completes them with the model's parameter groups
+# (speedrun.models.protocol.parameter_groups).
 
 
 @dataclass
 class MuonAdamConfig:
-    """Muon for block matrices, Adam for embeddings, head and control parameters."""
+    """Muon for block matrices, Adam for embeddings, head and control parameters (the reference's)."""
 
     _target_: str = "speedrun.optim.MuonAdam"
     _partial_: bool = True
@@ -57,6 +62,8 @@ class MuonAdamConfig:
     beta2: float = 0.95
     eps: float = 1e-8
     grad_clip_norm: float = 0.0
+    # "auto" = run Newton-Schulz through torch.compile when the parameters are on CUDA.
+    compile_newtonschulz: Any = "auto"
 
 
 @dataclass
@@ -82,12 +89,7 @@ class AdamWConfig:
 
 @dataclass
 class WallclockWarmdownConfig:
-    """The reference's schedule: full LR, then a linear decay to 0 over the last `warmdown_iters`.
-
-    With a wallclock cap the decay is timed (warmdown_iters x the running step time). Set
-    `warmdown_fraction` > 0 to decay over that fraction of the horizon instead, which stays
-    correct on hardware slower than the reference's.
-    """
+    """The reference's schedule: full LR, then a linear decay to 0 over the last `warmdown_iters`."""
 
     _target_: str = "speedrun.schedules.WallclockWarmdown"
     _partial_: bool = True
@@ -144,30 +146,57 @@ class FinewebDataConfig:
     val_tokens: int = 0
 
 
+# --------------------------------------------------------------------------- logger
+# Loggers are partials: the job completes them with (run_dir, config, run_info) and adds the
+# console and metrics.jsonl sinks itself. `logger=none` sets the group to null.
+
+
+@dataclass
+class WandbLoggerConfig:
+    """wandb on rank 0, offline by default (speedrun/sinks/wandb_sink.py)."""
+
+    _target_: str = "speedrun.sinks.WandbSink"
+    _partial_: bool = True
+    project: str = "speedrun"
+    entity: str | None = None
+    mode: str = "offline"  # offline | online | disabled
+    tags: list[str] = field(default_factory=list)
+    notes: str | None = None
+
+
 # --------------------------------------------------------------------------- trainer
 
 
 @dataclass
 class TrainerConfig:
+    """How a job trains: batch, horizon, cadence, launch, checkpoints. The defaults are a laptop-sized
+    run: batches of 8192 tokens for up to 1000 steps or 100 s of training time, whichever comes first.
+
+    `speedrun.trainer.Trainer` takes this dataclass as it is, so a script builds it the same way.
+    """
+
     # The global batch in tokens: ranks x accumulation x micro-batch. 0 micro_batch_tokens means
     # the reference's split (accumulation = 8 // ranks), so 1 and N ranks compute the same thing.
     train_batch_tokens: int = 8192
     micro_batch_tokens: int = 0
     # Horizon: the first limit reached wins; 0 means "no limit from this one".
-    max_steps: int = 200
-    max_wallclock_seconds: float = 0.0
+    max_steps: int = 1000
+    max_wallclock_seconds: float = 100.0
     target_flops: float = 0.0
     target_param_data_ratio: float = 0.0
     # Untimed steps that warm up compilation, after which weights and optimizer state are restored.
     warmup_steps: int = 0
-    val_every: int = 50
+    val_every: int = 100
     val_batch_tokens: int = 65536
     log_every: int = 10
     # "auto" = every visible GPU, 1 on CPU; or an int.
     nproc_per_node: Any = "auto"
     # "auto" = compile on CUDA only; or true / false.
     compile: Any = "auto"
-    device: str = "auto"
+    device: str = "auto"  # auto | cpu | cuda
+    # auto = the model's mixed-precision recipe with bf16 autocast on CUDA, plain fp32 elsewhere;
+    # fp32 turns both off on CUDA too (to measure what bf16 buys).
+    precision: str = "auto"  # auto | bf16 | fp32
     checkpoint_every: int = 0
     checkpoint_every_seconds: float = 0.0
     keep_checkpoints: int = 2
@@ -180,16 +209,6 @@ class TrainerConfig:
     export: bool = True
 
 
-@dataclass
-class LoggerConfig:
-    kind: str = "wandb"  # wandb | none
-    project: str = "speedrun"
-    entity: str | None = None
-    mode: str = "offline"  # offline | online | disabled
-    tags: list[str] = field(default_factory=list)
-    notes: str | None = None
-
-
 # --------------------------------------------------------------------------- top level
 
 
@@ -200,9 +219,11 @@ class Config:
     schedule: Any = MISSING
     data: Any = MISSING
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
-    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    logger: Any = None
     seed: int = 1337
 
+
+SCHEMA_GROUP = "speedrun_schema"
 
 SCHEMAS: dict[str, dict[str, type]] = {
     "model": {"gpt": GPTConfig},
@@ -210,14 +231,20 @@ SCHEMAS: dict[str, dict[str, type]] = {
     "schedule": {"wallclock_warmdown": WallclockWarmdownConfig, "wsd": WSDConfig},
     "data": {"stdlib": StdlibDataConfig, "shards": ShardDataConfig, "fineweb": FinewebDataConfig},
     "trainer": {"trainer": TrainerConfig},
-    "logger": {"logger": LoggerConfig},
+    "logger": {"wandb": WandbLoggerConfig},
 }
 
 
 def register_configs() -> None:
-    """Store the schemas under `schema/<group>/<name>` (out of the way of the user-facing groups)."""
+    """Store the schemas under `speedrun_schema/<group>/<name>` (out of the way of the option groups).
+
+    Idempotent. Hydra's plugin discovery also calls it (hydra_plugins/speedrun_schemas), so Hydra's
+    own `initialize_config_dir` + `compose` over speedrun's config folder works without this call.
+    """
+    from hydra.core.config_store import ConfigStore
+
     cs = ConfigStore.instance()
-    cs.store(name="config_schema", node=Config)
+    cs.store(name="speedrun_config_schema", node=Config)
     for group, options in SCHEMAS.items():
         for name, node in options.items():
-            cs.store(group=f"schema/{group}", name=name, node=node)
+            cs.store(group=f"{SCHEMA_GROUP}/{group}", name=name, node=node)

@@ -132,10 +132,14 @@ def validate_config(cfg: DictConfig, world_size: int = 1) -> None:
         trainer.device in ("auto", "cpu", "cuda"),
         f"trainer.device={trainer.device!r} must be auto, cpu or cuda",
     )
-    _require(cfg.logger.kind in ("wandb", "none"), f"logger.kind={cfg.logger.kind!r} must be wandb or none")
+    if cfg.logger is not None and "mode" in cfg.logger:
+        _require(
+            cfg.logger.mode in ("offline", "online", "disabled"),
+            f"logger.mode={cfg.logger.mode!r} must be offline, online or disabled",
+        )
     _require(
-        cfg.logger.mode in ("offline", "online", "disabled"),
-        f"logger.mode={cfg.logger.mode!r} must be offline, online or disabled",
+        trainer.precision in ("auto", "bf16", "fp32"),
+        f"trainer.precision={trainer.precision!r} must be auto, bf16 or fp32",
     )
     schedule = cfg.schedule
     for key in ("warmup_ratio", "warmdown_ratio", "final_lr_frac", "warmdown_fraction"):
