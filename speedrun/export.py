@@ -4,8 +4,8 @@ Training runs in bf16/fp32, but the size-limited artifact does not need that pre
 - 2-D float tensors: int8 with one fp16 scale per row (rows track output channels), after
   clipping each row at its 99.99984th absolute percentile so one outlier does not waste the range,
 - other large float tensors: int8 with one fp32 scale,
-- float tensors of at most 65,536 elements: kept, control tensors in fp32, the rest in fp16 with
-  the original dtype recorded,
+- float tensors of at most 65,536 elements: kept, control tensors (the model's `scalar` role, passed
+  in as `keep_fp32`) in fp32, the rest in fp16 with the original dtype recorded,
 - non-float tensors: kept as they are.
 The quantized object is torch.save'd and zlib-compressed (level 9). It holds only tensors, strings,
 ints and dicts, so it loads with `torch.load(weights_only=True)`.
@@ -15,14 +15,14 @@ from __future__ import annotations
 
 import io
 import os
+import sys
 import zlib
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
-
-from speedrun.models.gpt import is_control_tensor
 
 QUANT_FORMAT = "int8_clean_per_row_v1"
 KEEP_FLOAT_MAX_NUMEL = 65_536
@@ -30,6 +30,17 @@ KEEP_FLOAT_STORE_DTYPE = torch.float16
 PER_ROW_SCALE_DTYPE = torch.float16
 CLIP_PERCENTILE = 99.99984
 CLIP_Q = CLIP_PERCENTILE / 100.0
+
+
+def code_bytes() -> int:
+    """Bytes of the framework source this run imported: the reference counts its training script
+    as the submission's code, so tools a run never loads (compare, bench, prepare) do not count."""
+    files = {
+        Path(module.__file__)
+        for name, module in list(sys.modules.items())
+        if (name == "speedrun" or name.startswith("speedrun.")) and getattr(module, "__file__", None)
+    }
+    return sum(f.stat().st_size for f in files)
 
 
 class ArtifactError(ValueError):
@@ -44,8 +55,8 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def _keep_float(name: str, t: Tensor, orig_dtypes: dict[str, str]) -> Tensor:
-    if is_control_tensor(name):
+def _keep_float(name: str, t: Tensor, orig_dtypes: dict[str, str], keep_fp32: Collection[str]) -> Tensor:
+    if name in keep_fp32:
         return t.float().contiguous()
     if t.dtype in (torch.float32, torch.bfloat16):
         orig_dtypes[name] = _dtype_name(t.dtype)
@@ -72,8 +83,12 @@ def quantize_float_tensor(t: Tensor) -> tuple[Tensor, Tensor]:
     return q.to(torch.int8).contiguous(), scale
 
 
-def quantize_state_dict_int8(state_dict: dict[str, Tensor]) -> tuple[dict[str, Any], dict[str, int]]:
-    """The artifact object and byte/tensor counts (`baseline_tensor_bytes`, `int8_payload_bytes`, ...)."""
+def quantize_state_dict_int8(
+    state_dict: dict[str, Tensor], keep_fp32: Collection[str] = ()
+) -> tuple[dict[str, Any], dict[str, int]]:
+    """The artifact object and byte/tensor counts (`baseline_tensor_bytes`, `int8_payload_bytes`, ...).
+
+    `keep_fp32`: names of small tensors stored in fp32 rather than fp16 (the control tensors)."""
     quantized: dict[str, Tensor] = {}
     scales: dict[str, Tensor] = {}
     dtypes: dict[str, str] = {}
@@ -102,7 +117,7 @@ def quantize_state_dict_int8(state_dict: dict[str, Tensor]) -> tuple[dict[str, A
             stats["int8_payload_bytes"] += _nbytes(t)
             continue
         if t.numel() <= KEEP_FLOAT_MAX_NUMEL:
-            kept = _keep_float(name, t, orig_dtypes)
+            kept = _keep_float(name, t, orig_dtypes, keep_fp32)
             passthrough[name] = kept
             stats["int8_payload_bytes"] += _nbytes(kept)
             continue
@@ -150,10 +165,12 @@ def dequantize_state_dict_int8(obj: dict[str, Any]) -> dict[str, Tensor]:
     return out
 
 
-def save_artifact(state_dict: dict[str, Tensor], path: str | os.PathLike) -> int:
+def save_artifact(
+    state_dict: dict[str, Tensor], path: str | os.PathLike, keep_fp32: Collection[str] = ()
+) -> int:
     """Quantize, compress and write atomically (a reader never sees half a file); returns bytes written."""
     path = Path(path)
-    obj, _ = quantize_state_dict_int8(state_dict)
+    obj, _ = quantize_state_dict_int8(state_dict, keep_fp32)
     buffer = io.BytesIO()
     torch.save(obj, buffer)
     blob = zlib.compress(buffer.getvalue(), level=9)

@@ -15,6 +15,7 @@ from speedrun.export import (
     save_artifact,
 )
 from speedrun.models import GPT
+from speedrun.models.protocol import scalar_parameter_names
 
 # Big enough that tok_emb (512x256) and the MLP matrices (512x256) exceed the 65,536-element
 # keep-as-float threshold and really get quantized; the rest stays float.
@@ -64,7 +65,7 @@ def test_small_tensors_keep_their_dtypes():
         "bf": torch.randn(8).bfloat16(),
         "step": torch.tensor([3, 4], dtype=torch.int64),
     }
-    obj, _ = quantize_state_dict_int8(state)
+    obj, _ = quantize_state_dict_int8(state, keep_fp32={"blocks.0.attn_scale"})
     assert obj["passthrough"]["blocks.0.attn_scale"].dtype == torch.float32  # control: exact
     assert obj["passthrough"]["blocks.0.attn.c_q.weight"].dtype == torch.float16  # stored small
     restored = dequantize_state_dict_int8(obj)
@@ -77,7 +78,7 @@ def test_small_tensors_keep_their_dtypes():
 def test_model_round_trip_through_the_artifact_file(tmp_path):
     model = trained_looking_gpt()
     path = tmp_path / "final_model.int8.ptz"
-    written = save_artifact(model.state_dict(), path)
+    written = save_artifact(model.state_dict(), path, keep_fp32=scalar_parameter_names(model))
     assert written == path.stat().st_size
     assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temporary file left behind
 
@@ -101,7 +102,7 @@ def test_model_round_trip_through_the_artifact_file(tmp_path):
 
 
 def test_bf16_embedding_comes_back_bf16(tmp_path):
-    model = trained_looking_gpt().cast_for_cuda_training()
+    model = trained_looking_gpt().cast_for_mixed_precision()
     save_artifact(model.state_dict(), tmp_path / "m.ptz")
     restored = load_artifact(tmp_path / "m.ptz")
     assert restored["tok_emb.weight"].dtype == torch.bfloat16

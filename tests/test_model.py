@@ -166,8 +166,8 @@ def test_fullgraph_compile_matches_eager():
     assert all(p.grad is not None for p in model.parameters())
 
 
-def test_cast_for_cuda_training_follows_the_reference_recipe():
-    model = tiny_gpt(randomize=True).cast_for_cuda_training()
+def test_cast_for_mixed_precision_follows_the_reference_recipe():
+    model = tiny_gpt(randomize=True).cast_for_mixed_precision()
     for name, p in model.named_parameters():
         if name == "tok_emb.weight":
             assert p.dtype == torch.bfloat16, name  # the reference trains the tied embedding in bf16

@@ -9,9 +9,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from speedrun.models import GPT
+from speedrun.models.protocol import parameter_groups
 from speedrun.optim import AdamW, Muon, MuonAdam
-from speedrun.optim.muon import zeropower_via_newtonschulz5
-from speedrun.optim.muon_adam import split_parameters
+from speedrun.optim.muon import current_momentum, zeropower_via_newtonschulz5
 
 TINY = dict(vocab_size=128, num_layers=3, model_dim=64, num_heads=4, num_kv_heads=2)
 
@@ -26,10 +26,14 @@ def batch(seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     return tokens[:, :-1], tokens[:, 1:]
 
 
+def build(factory, model: GPT, **kwargs):
+    """An optimizer as the trainer builds it: from the model's parameter groups."""
+    return factory(parameter_groups(model), **kwargs)
+
+
 def train(model: GPT, optimizer, steps: int, start: int = 0) -> list[float]:
     losses = []
     for step in range(start, start + steps):
-        optimizer.prepare_step(step, lr_scale=1.0)
         loss = model(*batch(seed=step % 2))
         loss.backward()
         optimizer.step()
@@ -44,13 +48,13 @@ def train(model: GPT, optimizer, steps: int, start: int = 0) -> list[float]:
 @pytest.mark.parametrize("tie_embeddings", [True, False])
 def test_every_parameter_is_in_exactly_one_group(tie_embeddings):
     model = tiny_gpt(tie_embeddings=tie_embeddings)
-    groups = split_parameters(model)
-    all_grouped = groups.embed + groups.head + groups.matrix + groups.scalar
+    groups = {g["name"]: g["params"] for g in parameter_groups(model)}
+    all_grouped = [p for params in groups.values() for p in params]
     assert sorted(id(p) for p in all_grouped) == sorted(id(p) for p in model.parameters())
     names = {id(p): name for name, p in model.named_parameters()}
-    assert [names[id(p)] for p in groups.embed] == ["tok_emb.weight"]
-    assert [names[id(p)] for p in groups.head] == ([] if tie_embeddings else ["lm_head.weight"])
-    assert {names[id(p)].split(".", 2)[2] for p in groups.matrix} == {
+    assert [names[id(p)] for p in groups["embed"]] == ["tok_emb.weight"]
+    assert [names[id(p)] for p in groups.get("head", [])] == ([] if tie_embeddings else ["lm_head.weight"])
+    assert {names[id(p)].split(".", 2)[2] for p in groups["matrix"]} == {
         "attn.c_q.weight",
         "attn.c_k.weight",
         "attn.c_v.weight",
@@ -58,28 +62,30 @@ def test_every_parameter_is_in_exactly_one_group(tie_embeddings):
         "mlp.fc.weight",
         "mlp.proj.weight",
     }
-    scalar_names = {names[id(p)] for p in groups.scalar}
+    scalar_names = {names[id(p)] for p in groups["scalar"]}
     assert "skip_weights" in scalar_names and "blocks.0.resid_mix" in scalar_names  # 2-D but control
     assert "blocks.2.attn.q_gain" in scalar_names
 
 
 def test_single_layer_model_has_no_skip_weights_to_optimize():
     model = tiny_gpt(num_layers=1)
-    groups = split_parameters(model)
-    assert all(p is not model.skip_weights for p in groups.scalar)
-    MuonAdam(model)  # builds without an empty-parameter error
+    scalar = next(g["params"] for g in parameter_groups(model) if g["name"] == "scalar")
+    assert all(p is not model.skip_weights for p in scalar)
+    build(MuonAdam, model)  # builds without an empty-parameter error
 
 
 @pytest.mark.parametrize("factory", [MuonAdam, AdamW])
-def test_optimizers_cover_the_model_and_keep_base_lr(factory):
+def test_optimizers_cover_the_model_with_a_learning_rate_per_role(factory):
     model = tiny_gpt(tie_embeddings=False)
-    opt = factory(model, matrix_lr=0.1, scalar_lr=0.2, embed_lr=0.3, head_lr=0.4)
-    optimized = [p for o in opt.optimizers for g in o.param_groups for p in g["params"]]
+    opt = build(factory, model, matrix_lr=0.1, scalar_lr=0.2, embed_lr=0.3, head_lr=0.4)
+    optimized = [p for g in opt.param_groups for p in g["params"]]
     assert sorted(map(id, optimized)) == sorted(map(id, model.parameters()))
-    base_lrs = sorted(g["base_lr"] for o in opt.optimizers for g in o.param_groups)
-    assert base_lrs == [0.1, 0.2, 0.3, 0.4]
-    opt.prepare_step(0, lr_scale=0.5)
-    assert all(g["lr"] == g["base_lr"] * 0.5 for o in opt.optimizers for g in o.param_groups)
+    assert {g["name"]: g["lr"] for g in opt.param_groups} == {
+        "matrix": 0.1,
+        "scalar": 0.2,
+        "embed": 0.3,
+        "head": 0.4,
+    }
 
 
 # --------------------------------------------------------------------------- Muon
@@ -120,9 +126,20 @@ def test_muon_refuses_vectors():
     [(500, 0, 0.85), (500, 250, 0.90), (500, 500, 0.95), (500, 9000, 0.95), (0, 0, 0.95)],
 )
 def test_muon_momentum_warms_up_linearly(warmup_steps, step, expected):
-    opt = MuonAdam(tiny_gpt(), momentum=0.95, momentum_warmup_start=0.85, momentum_warmup_steps=warmup_steps)
-    opt.prepare_step(step, lr_scale=1.0)
-    assert opt.muon.param_groups[0]["momentum"] == pytest.approx(expected)
+    opt = build(
+        MuonAdam, tiny_gpt(), momentum=0.95, momentum_warmup_start=0.85, momentum_warmup_steps=warmup_steps
+    )
+    group = opt.optimizers["matrix"].param_groups[0]
+    group["steps_taken"] = step
+    assert current_momentum(group) == pytest.approx(expected)
+
+
+def test_muon_counts_its_steps_in_its_saved_state():
+    model = tiny_gpt()
+    opt = build(MuonAdam, model)
+    train(model, opt, steps=3)
+    saved = opt.state_dict()["matrix"]["param_groups"][0]
+    assert saved["steps_taken"] == 3
 
 
 # --------------------------------------------------------------------------- the optimizer sets
@@ -132,14 +149,14 @@ def test_muon_momentum_warms_up_linearly(warmup_steps, step, expected):
 def test_a_few_steps_reduce_the_loss(factory):
     model = tiny_gpt()
     lrs = dict(matrix_lr=0.04, scalar_lr=0.04, embed_lr=0.05) if factory is MuonAdam else {}
-    losses = train(model, factory(model, **lrs), steps=8)
+    losses = train(model, build(factory, model, **lrs), steps=8)
     assert losses[-1] < losses[0] - 0.3, losses
 
 
 @pytest.mark.parametrize("factory", [MuonAdam, AdamW])
 def test_state_dict_round_trip_continues_bit_identically(factory):
     model = tiny_gpt(tie_embeddings=False)
-    opt = factory(model)
+    opt = build(factory, model)
     train(model, opt, steps=3)
     buffer = io.BytesIO()
     torch.save({"model": model.state_dict(), "optimizer": opt.state_dict()}, buffer)
@@ -148,7 +165,7 @@ def test_state_dict_round_trip_continues_bit_identically(factory):
 
     resumed = tiny_gpt(seed=99, tie_embeddings=False)
     resumed.load_state_dict(saved["model"])
-    resumed_opt = factory(resumed)
+    resumed_opt = build(factory, resumed)
     resumed_opt.load_state_dict(saved["optimizer"])
     assert train(model, opt, steps=2, start=3) == train(resumed, resumed_opt, steps=2, start=3)
     for (name, a), b in zip(model.state_dict().items(), resumed.state_dict().values(), strict=True):
@@ -156,14 +173,14 @@ def test_state_dict_round_trip_continues_bit_identically(factory):
 
 
 def test_loading_state_of_another_layout_names_the_mismatch():
-    tied_state = MuonAdam(tiny_gpt()).state_dict()
+    tied_state = build(MuonAdam, tiny_gpt()).state_dict()
     with pytest.raises(ValueError, match="tie_embeddings"):
-        MuonAdam(tiny_gpt(tie_embeddings=False)).load_state_dict(tied_state)
+        build(MuonAdam, tiny_gpt(tie_embeddings=False)).load_state_dict(tied_state)
 
 
 def test_grad_clipping_bounds_the_global_norm():
     model = tiny_gpt()
-    opt = MuonAdam(model, grad_clip_norm=0.01)
+    opt = build(MuonAdam, model, grad_clip_norm=0.01)
     (model(*batch()) * 100).backward()
     opt.step()
     norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters()]))
@@ -172,8 +189,8 @@ def test_grad_clipping_bounds_the_global_norm():
 
 def test_adamw_decays_matrices_only():
     model = tiny_gpt()
-    opt = AdamW(model, weight_decay=0.1)
-    decay = {g["name"]: g["weight_decay"] for g in opt.optimizers[0].param_groups}
+    opt = build(AdamW, model, weight_decay=0.1)
+    decay = {g["name"]: g["weight_decay"] for g in opt.param_groups}
     assert decay == {"embed": 0.0, "matrix": 0.1, "scalar": 0.0}
 
 

@@ -19,8 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-# Small per-channel "control" tensors. They stay fp32 in mixed-precision training, go to the
-# scalar Adam group rather than Muon, and are stored unquantized in the int8 export.
+# Small per-channel "control" tensors. They stay fp32 in mixed-precision training and have the
+# `scalar` role (speedrun/models/protocol.py): the scalar Adam group rather than Muon, and stored
+# unquantized in the int8 export.
 CONTROL_TENSOR_NAME_PATTERNS: tuple[str, ...] = (
     "attn_scale",
     "attn_scales",
@@ -61,7 +62,7 @@ class Rotary(nn.Module):
     deepcopy, stay out of the state dict, and torch.compile treats the refresh as an ordinary
     module-attribute mutation (one recompile when the length changes).
     Positions are computed in inv_freq's dtype, which follows the model's: after
-    `GPT.cast_for_cuda_training` that is bf16, exactly as in the reference.
+    `GPT.cast_for_mixed_precision` that is bf16, exactly as in the reference.
     """
 
     def __init__(self, dim: int, base: float = 10000.0):
@@ -256,7 +257,26 @@ class GPT(nn.Module):
             logits.reshape(-1, logits.size(-1)).float(), target_ids.reshape(-1), reduction="mean"
         )
 
-    def cast_for_cuda_training(self) -> GPT:
+    def parameter_roles(self) -> dict[str, str]:
+        """The reference's optimizer split (see speedrun/models/protocol.py), in its order: the token
+        embedding (also the head when tied), an untied head, the blocks' matrices (Muon), then the
+        blocks' vectors and control tensors followed by the skip weights (scalar Adam)."""
+        roles = {"tok_emb.weight": "embed"}
+        if self.lm_head is not None:
+            roles["lm_head.weight"] = "head"
+        block_params = [(f"blocks.{name}", p) for name, p in self.blocks.named_parameters()]
+        for name, p in block_params:
+            if p.ndim == 2 and not is_control_tensor(name):
+                roles[name] = "matrix"
+        for name, p in block_params:
+            if p.ndim < 2 or is_control_tensor(name):
+                roles[name] = "scalar"
+        # With a single layer there is nothing to skip over; the reference leaves the empty tensor out.
+        if self.skip_weights.numel() > 0:
+            roles["skip_weights"] = "scalar"
+        return roles
+
+    def cast_for_mixed_precision(self) -> GPT:
         """The reference's precision recipe for bf16-autocast training; returns self.
 
         1. `.bfloat16()` everything: the token embedding (and so the tied head) is trained in bf16,

@@ -1,7 +1,9 @@
-"""Optimizer sets the trainer drives through one interface (see OptimizerSet)."""
+"""Optimizers. Each is built from the model's parameter groups (speedrun.models.protocol), so any
+torch optimizer works too: `optimizer._target_: torch.optim.AdamW` with `_partial_: true`."""
 
 from speedrun.optim.adamw import AdamW
+from speedrun.optim.multi import MultiOptimizer
 from speedrun.optim.muon import Muon
 from speedrun.optim.muon_adam import MuonAdam
 
-__all__ = ["AdamW", "Muon", "MuonAdam"]
+__all__ = ["AdamW", "Muon", "MuonAdam", "MultiOptimizer"]

@@ -1,24 +1,23 @@
-"""Plain AdamW over the same parameter groups and learning-rate names as MuonAdam: the baseline
+"""Plain AdamW over the same parameter roles and learning-rate names as MuonAdam: the baseline
 that tells you what Muon buys."""
 
 from __future__ import annotations
 
 import torch
-from torch import nn
 
-from speedrun.optim.muon_adam import OptimizerSet, fused_supported, split_parameters
+from speedrun.optim.multi import MultiOptimizer, fused_supported, groups_by_role
 
 
-class AdamW(OptimizerSet):
+class AdamW(MultiOptimizer):
     """One torch AdamW with a param group per role (embed, head when untied, matrix, scalar).
 
-    Weight decay applies to the block matrices only: decaying embeddings, gains and mixes towards
-    zero fights their role. The default learning rates are untuned starting points.
+    Weight decay applies to the matrices only: decaying embeddings, gains and mixes towards zero
+    fights their role. The default learning rates are untuned starting points.
     """
 
     def __init__(
         self,
-        model: nn.Module,
+        param_groups: list[dict],
         *,
         matrix_lr: float = 0.003,
         scalar_lr: float = 0.003,
@@ -30,20 +29,20 @@ class AdamW(OptimizerSet):
         eps: float = 1e-8,
         grad_clip_norm: float = 0.0,
     ):
-        groups = split_parameters(model)
-        roles = [
-            ("embed", groups.embed, embed_lr, 0.0),
-            ("head", groups.head, head_lr, 0.0),
-            ("matrix", groups.matrix, matrix_lr, weight_decay),
-            ("scalar", groups.scalar, scalar_lr, 0.0),
+        roles = groups_by_role(param_groups)
+        settings = {
+            "embed": (embed_lr, 0.0),
+            "head": (head_lr, 0.0),
+            "matrix": (matrix_lr, weight_decay),
+            "scalar": (scalar_lr, 0.0),
+        }
+        groups = [
+            {"name": role, "params": roles[role], "lr": lr, "weight_decay": decay}
+            for role, (lr, decay) in settings.items()
+            if roles.get(role)
         ]
-        param_groups = [
-            {"name": name, "params": params, "lr": lr, "base_lr": lr, "weight_decay": decay}
-            for name, params, lr, decay in roles
-            if params
-        ]
-        all_params = [p for group in param_groups for p in group["params"]]
+        params = [p for group in groups for p in group["params"]]
         adamw = torch.optim.AdamW(
-            param_groups, betas=(beta1, beta2), eps=eps, fused=fused_supported(all_params) or None
+            groups, betas=(beta1, beta2), eps=eps, fused=fused_supported(params) or None
         )
-        super().__init__({"adamw": adamw}, model, grad_clip_norm)
+        super().__init__({"adamw": adamw}, grad_clip_norm)

@@ -44,6 +44,9 @@ def compiled_zeropower() -> Callable[..., Tensor]:
 class Muon(torch.optim.Optimizer):
     """Muon for 2-D parameters.
 
+    momentum_warmup_steps > 0 ramps the momentum linearly from momentum_warmup_start to `momentum`
+    over that many steps (the reference's schedule); the step count lives in each param group, so it
+    is saved and restored with the optimizer's state.
     compile_newtonschulz: run Newton–Schulz through torch.compile (worth it on CUDA; leave it off
     on CPU, where it only adds compile time and needs a C++ toolchain).
     """
@@ -55,11 +58,20 @@ class Muon(torch.optim.Optimizer):
         momentum: float,
         backend_steps: int = 5,
         nesterov: bool = True,
+        momentum_warmup_start: float = 0.0,
+        momentum_warmup_steps: int = 0,
         compile_newtonschulz: bool = False,
     ):
-        super().__init__(
-            params, dict(lr=lr, momentum=momentum, backend_steps=backend_steps, nesterov=nesterov)
+        defaults = dict(
+            lr=lr,
+            momentum=momentum,
+            backend_steps=backend_steps,
+            nesterov=nesterov,
+            momentum_warmup_start=momentum_warmup_start,
+            momentum_warmup_steps=momentum_warmup_steps,
+            steps_taken=0,
         )
+        super().__init__(params, defaults)
         for group in self.param_groups:
             for p in group["params"]:
                 if p.ndim != 2:
@@ -79,7 +91,7 @@ class Muon(torch.optim.Optimizer):
             params = group["params"]
             if not params:
                 continue
-            lr, momentum = group["lr"], group["momentum"]
+            lr, momentum = group["lr"], current_momentum(group)
             total = sum(p.numel() for p in params)
             updates_flat = torch.zeros(total, device=params[0].device, dtype=torch.bfloat16)
             offset = 0
@@ -109,4 +121,14 @@ class Muon(torch.optim.Optimizer):
                 update = updates_flat[offset : offset + p.numel()].view_as(p).to(dtype=p.dtype)
                 p.add_(update, alpha=-lr)
                 offset += p.numel()
+            group["steps_taken"] += 1
         return loss
+
+
+def current_momentum(group: dict) -> float:
+    """The momentum of the group's next step: linear from momentum_warmup_start to momentum over
+    momentum_warmup_steps steps (the step count starts at 0, as the reference's `step`)."""
+    if group["momentum_warmup_steps"] <= 0:
+        return group["momentum"]
+    frac = min(group["steps_taken"] / group["momentum_warmup_steps"], 1.0)
+    return (1 - frac) * group["momentum_warmup_start"] + frac * group["momentum"]
