@@ -1,22 +1,21 @@
 """What every rank runs: build the components from the resolved config, train, report.
 
 Called in-process for one rank, or in each process the elastic launcher (or an external torchrun)
-starts. Rank 0 alone writes logs, metrics, checkpoints, artifacts and `summary.json`.
+starts. Rank 0 alone writes logs, metrics, checkpoints, artifacts and `summary.json`. This is the
+one place that turns config into components (lightning-hydra-template's `train()`): everything
+after it (the trainer, the sinks) receives built objects.
 """
 
 from __future__ import annotations
 
-import functools
-import inspect
 import logging
 import os
 import random
-import signal
 import sys
 import traceback
 from pathlib import Path
 
-from speedrun.launch import INTERNAL_LAUNCH_ENV
+from speedrun.launch import launched_internally
 
 log = logging.getLogger("speedrun")
 
@@ -24,7 +23,7 @@ log = logging.getLogger("speedrun")
 def _configure_rank_logging(run_dir: Path, rank: int) -> None:
     """A rank started by a launcher has no logging set up: rank 0 logs to stdout and train.log."""
     root = logging.getLogger()
-    if root.handlers:  # in-process: Hydra already logs to stdout and train.log
+    if root.handlers:  # in-process: the entry point already logs to stdout and train.log
         return
     root.setLevel(logging.INFO)
     if rank == 0:
@@ -36,13 +35,13 @@ def _configure_rank_logging(run_dir: Path, rank: int) -> None:
 
 def resolve_max_steps(trainer_cfg, flops_per_token: float, params: int) -> int | None:
     """The step horizon: max_steps, else nanochat's target FLOPs, else its data:param ratio."""
-    batch = trainer_cfg["train_batch_tokens"]
-    if trainer_cfg["max_steps"] > 0:
-        return int(trainer_cfg["max_steps"])
-    if trainer_cfg["target_flops"] > 0:
-        return max(round(trainer_cfg["target_flops"] / (flops_per_token * batch)), 1)
-    if trainer_cfg["target_param_data_ratio"] > 0:
-        return max(int(trainer_cfg["target_param_data_ratio"] * params) // batch, 1)
+    batch = trainer_cfg.train_batch_tokens
+    if trainer_cfg.max_steps > 0:
+        return int(trainer_cfg.max_steps)
+    if trainer_cfg.target_flops > 0:
+        return max(round(trainer_cfg.target_flops / (flops_per_token * batch)), 1)
+    if trainer_cfg.target_param_data_ratio > 0:
+        return max(int(trainer_cfg.target_param_data_ratio * params) // batch, 1)
     return None
 
 
@@ -55,6 +54,7 @@ def run_rank(config: dict, info: dict) -> dict | None:
         # Fewer fragmentation stalls on long runs (nanochat's setting); must precede CUDA init.
         os.environ["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
     from speedrun.distributed import cleanup, init_distributed
+    from speedrun.signals import exit_as_signalled
 
     ctx = init_distributed(config["trainer"]["device"])
     # If _train raises, the process group is left to process exit: tearing it down here would break
@@ -62,11 +62,8 @@ def run_rank(config: dict, info: dict) -> dict | None:
     # rank failed first; and NCCL's teardown can hang while a peer is dead.
     summary = _train(config, info, ctx, run_dir)
     cleanup(ctx)
-    if summary["status"] == "interrupted" and os.environ.get(INTERNAL_LAUNCH_ENV):
-        # A rank of our elastic launcher that returns waits for the launcher to collect every
-        # rank's result, which a launcher shutting down on a signal never does: it would SIGKILL
-        # the rank 30 s later. Stopped by a signal, the rank exits at once, as killed by SIGTERM.
-        sys.exit(128 + signal.SIGTERM)
+    if summary["status"] == "interrupted" and launched_internally():
+        exit_as_signalled()
     return summary if ctx.is_main else None
 
 
@@ -75,20 +72,18 @@ def _log_failure(run_dir: Path, rank: int, exc: BaseException) -> None:
     text = "".join(traceback.format_exception(exc))
     with open(run_dir / "train.log", "a") as f:
         f.write(f"[rank {rank}] {text}")
-    if rank == 0:
-        print(text, file=sys.stderr)
 
 
 def _train(config: dict, info: dict, ctx, run_dir: Path) -> dict:
     """Build the trainer and fit; however the run ends, rank 0 reports it in summary.json."""
     from speedrun.distributed import first_failure
+    from speedrun.signals import signals_held
     from speedrun.summary import error_message
-    from speedrun.trainer import signals_held
 
     trainer = None
     summary = {"status": "failed", "error": None}
     try:
-        trainer = _build_trainer(config, info, ctx, run_dir)
+        trainer = build_trainer(config, info, ctx, run_dir)
         summary = trainer.fit()
     except BaseException as exc:
         with signals_held():
@@ -106,30 +101,30 @@ def _train(config: dict, info: dict, ctx, run_dir: Path) -> dict:
 
 
 def _report(summary: dict, config: dict, info: dict, ctx, run_dir: Path, sinks) -> None:
-    from speedrun.summary import write_summary
+    from speedrun.summary import record_end
 
-    summary.update(seed=int(config["seed"]), overrides=info["overrides"], world_size=ctx.world_size)
-    summary.setdefault("error", None)
+    summary.setdefault("world_size", ctx.world_size)
     if ctx.is_main:
         if sinks is not None:
-            sinks.finish(summary)
-        write_summary(run_dir, summary)
+            sinks.finish({**summary, "seed": int(config["seed"])})
+        record_end(run_dir, summary, seed=int(config["seed"]), overrides=info["overrides"])
         log.info("summary: %s", run_dir / "summary.json")
 
 
-def _build_trainer(config: dict, info: dict, ctx, run_dir: Path):
-    """Every component from the resolved config, seeded, on this rank's device."""
+def build_trainer(config: dict, info: dict, ctx, run_dir: Path):
+    """Every component from the resolved config, seeded, on this rank's device, handed to a Trainer."""
     import numpy as np
     import torch
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
-    from speedrun.config.validate import parse_compile, split_batch
+    from speedrun.config.schema import TrainerConfig
+    from speedrun.models import protocol
     from speedrun.sinks import build_sinks
-    from speedrun.trainer import Trainer, TrainerSettings
+    from speedrun.trainer import Trainer
 
     cfg = OmegaConf.create(config)
-    tc = config["trainer"]
+    settings = TrainerConfig(**config["trainer"])
     seed = int(config["seed"])
     random.seed(seed)
     np.random.seed(seed)
@@ -137,58 +132,78 @@ def _build_trainer(config: dict, info: dict, ctx, run_dir: Path):
 
     data = instantiate(cfg.data)
     model = instantiate(cfg.model).to(ctx.device)
+    plan = _plan(config, info, settings, ctx, run_dir, model)
+    if plan.autocast_dtype is not None:
+        protocol.cast_for_mixed_precision(model)
     if ctx.device.type == "cuda":
-        model.cast_for_cuda_training()
         # The reference's fast-math knobs: fp32 matmuls (outside autocast) may use TF32.
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+    _check_vocab(config, data)
+    optimizer = instantiate(cfg.optimizer)(protocol.parameter_groups(model))
+    schedule = instantiate(cfg.schedule)(max_steps=plan.max_steps, max_wallclock_ms=plan.max_wallclock_ms)
+    if ctx.is_main:
+        _log_plan(plan, settings, ctx, model)
+    sinks = build_sinks(
+        logger_factory=instantiate(cfg.logger) if cfg.logger is not None else None,
+        run_dir=run_dir, config=config, run_info=info, is_rank0=ctx.is_main, total_steps=plan.max_steps,
+        max_wallclock_ms=plan.max_wallclock_ms, tokens_per_step=settings.train_batch_tokens, log=log,
+    )  # fmt: skip
+    return Trainer(model, optimizer, schedule, data, sinks, ctx, settings, plan, config)
+
+
+def _plan(config: dict, info: dict, settings, ctx, run_dir: Path, model):
+    """The RunPlan: this rank's batch split, horizon, precision and the checkpoint to resume from."""
+    import torch
+
+    from speedrun.config.validate import parse_compile, split_batch
+    from speedrun.models import protocol
+    from speedrun.trainer import RunPlan
+
+    seq_len = config["data"]["seq_len"]
+    flops_per_token = protocol.flops_per_token(model, seq_len)
+    params = sum(p.numel() for p in model.parameters())
+    grad_accum, micro_tokens = split_batch(
+        settings.train_batch_tokens, settings.micro_batch_tokens, ctx.world_size, seq_len
+    )
+    precision = settings.precision
+    bf16 = precision == "bf16" or (precision == "auto" and ctx.device.type == "cuda")
+    resume = info.get("resume", "never")  # the parent chose it (train.py), the same for every rank
+    return RunPlan(
+        run_dir=run_dir, seq_len=seq_len, grad_accum_steps=grad_accum, micro_batch_tokens=micro_tokens,
+        max_steps=resolve_max_steps(settings, flops_per_token, params),
+        max_wallclock_ms=1000.0 * settings.max_wallclock_seconds if settings.max_wallclock_seconds > 0 else None,
+        compile=parse_compile(settings.compile, ctx.device.type == "cuda"),
+        autocast_dtype=torch.bfloat16 if bf16 else None, flops_per_token=flops_per_token,
+        resume_from=None if resume == "never" else Path(resume),
+    )  # fmt: skip
+
+
+def _check_vocab(config: dict, data) -> None:
+    """A model whose vocabulary is smaller than the tokenizer's would index out of its embedding."""
     vocab = data.vocab_size()
-    if vocab != config["model"]["vocab_size"]:
+    model_vocab = config["model"].get("vocab_size")
+    if vocab is not None and model_vocab is not None and vocab != model_vocab:
         raise ValueError(
-            f"model.vocab_size={config['model']['vocab_size']} does not match the tokenizer's vocab {vocab} "
+            f"model.vocab_size={model_vocab} does not match the tokenizer's vocab {vocab} "
             f"({data.tokenizer_path()}); set model.vocab_size={vocab}"
         )
-    seq_len = config["data"]["seq_len"]
-    params = sum(p.numel() for p in model.parameters())
-    flops_per_token = model.flops_per_token(seq_len)
-    max_steps = resolve_max_steps(tc, flops_per_token, params)
-    max_wallclock_ms = 1000.0 * tc["max_wallclock_seconds"] if tc["max_wallclock_seconds"] > 0 else None
-    grad_accum, micro_tokens = split_batch(
-        tc["train_batch_tokens"], tc["micro_batch_tokens"], ctx.world_size, seq_len
-    )
 
-    compile_model = parse_compile(tc["compile"], ctx.device.type == "cuda")
-    optimizer_factory = instantiate(cfg.optimizer)
-    if "compile_newtonschulz" in inspect.signature(optimizer_factory.func).parameters:
-        # Muon's Newton-Schulz is compiled whenever the model is (the reference compiles both).
-        optimizer_factory = functools.partial(optimizer_factory, compile_newtonschulz=compile_model)
-    optimizer = optimizer_factory(model)
-    schedule = instantiate(cfg.schedule)(max_steps=max_steps, max_wallclock_ms=max_wallclock_ms)
-    # run_job picked the checkpoint once, in the parent, for every rank (None when driven directly).
-    resume = info.get("resume") or str(tc["resume"])
-    settings = TrainerSettings(
-        run_dir=run_dir, seq_len=seq_len, train_batch_tokens=tc["train_batch_tokens"],
-        grad_accum_steps=grad_accum, micro_batch_tokens=micro_tokens, max_steps=max_steps,
-        max_wallclock_ms=max_wallclock_ms, warmup_steps=tc["warmup_steps"], val_every=tc["val_every"],
-        val_batch_tokens=tc["val_batch_tokens"], log_every=tc["log_every"],
-        checkpoint_every=tc["checkpoint_every"], checkpoint_every_seconds=tc["checkpoint_every_seconds"],
-        keep_checkpoints=tc["keep_checkpoints"], resume=resume, resume_force=tc["resume_force"],
-        max_loss=tc["max_loss"], export=tc["export"], compile=compile_model,
+
+def _log_plan(plan, settings, ctx, model) -> None:
+    from speedrun.models.protocol import parameter_counts
+
+    counts = parameter_counts(model)
+    log.info(
+        "model_params:%d (embed %d, head %d, matrix %d, scalar %d) flops_per_token:%.3e",
+        counts["total"], counts["embed"], counts["head"], counts["matrix"], counts["scalar"], plan.flops_per_token,
     )  # fmt: skip
-    if ctx.is_main:
-        log.info("model_params:%d flops_per_token:%.3e", params, flops_per_token)
-        log.info(
-            "world_size:%d grad_accum_steps:%d micro_batch_tokens:%d",
-            ctx.world_size,
-            grad_accum,
-            micro_tokens,
-        )
-        log.info(
-            "train_batch_tokens:%d seq_len:%d max_steps:%s max_wallclock_seconds:%s device:%s compile:%s",
-            tc["train_batch_tokens"], seq_len, max_steps, tc["max_wallclock_seconds"], ctx.device, settings.compile,
-        )  # fmt: skip
-    sinks = build_sinks(
-        logger_cfg=config["logger"], run_dir=run_dir, config=config, run_info=info, is_rank0=ctx.is_main,
-        total_steps=max_steps, max_wallclock_ms=max_wallclock_ms, log=log,
+    log.info(
+        "world_size:%d grad_accum_steps:%d micro_batch_tokens:%d",
+        ctx.world_size, plan.grad_accum_steps, plan.micro_batch_tokens,
     )  # fmt: skip
-    return Trainer(model, optimizer, schedule, data, sinks, settings, ctx, config, flops_per_token)
+    log.info(
+        "train_batch_tokens:%d seq_len:%d max_steps:%s max_wallclock_seconds:%s device:%s compile:%s precision:%s",
+        settings.train_batch_tokens, plan.seq_len, plan.max_steps, settings.max_wallclock_seconds, ctx.device,
+        plan.compile, "bf16" if plan.autocast_dtype is not None else "fp32",
+    )  # fmt: skip

@@ -3,6 +3,7 @@
 The Hydra process hands every rank the already-resolved config (a plain dict), so no rank ever
 re-resolves it. N local ranks are started with torch.distributed's elastic launcher, which
 watches them: a rank that dies takes the whole job down instead of leaving the others waiting.
+Nothing here imports torch at module level: `--cfg job` and config errors stay instant.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import math
 import os
 import uuid
+from collections.abc import Callable
 
 # Set by this launcher in the ranks it starts, so they do not mistake themselves for ranks of an
 # external torchrun (both set RANK / WORLD_SIZE).
@@ -21,6 +23,11 @@ def external_rank() -> int | None:
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ and not os.environ.get(INTERNAL_LAUNCH_ENV):
         return int(os.environ["RANK"])
     return None
+
+
+def launched_internally() -> bool:
+    """Whether this process is a rank that `launch` started."""
+    return bool(os.environ.get(INTERNAL_LAUNCH_ENV))
 
 
 def adopt_submitit_task() -> None:
@@ -55,12 +62,12 @@ def local_world_size(nproc_per_node: object) -> int:
     return parse_nproc(nproc_per_node, cuda_devices)
 
 
-def launch(config: dict, info: dict, *, nproc: int, external: bool) -> dict | None:
-    """Run `speedrun.job.run_rank` on every rank; return rank 0's summary when it is local."""
-    from speedrun.job import run_rank
-
+def launch(run_rank: Callable[[dict, dict], dict | None], config: dict, info: dict, *, nproc: int,
+           external: bool) -> dict | None:  # fmt: skip
+    """Run `run_rank(config, info)` on every rank; return rank 0's result when it is local."""
     if external or nproc == 1:
         return run_rank(config, info)
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     os.environ[INTERNAL_LAUNCH_ENV] = "1"  # inherited by the spawned ranks
@@ -75,8 +82,6 @@ def launch(config: dict, info: dict, *, nproc: int, external: bool) -> dict | No
         monitor_interval=0.1,
         start_method="spawn",
     )
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-
     try:
         results = elastic_launch(launch_config, run_rank)(config, info)
     except ChildFailedError as exc:

@@ -1,8 +1,13 @@
-"""summary.json: the one record of how a run ended, written atomically whatever the outcome."""
+"""summary.json: the one record of how a run ended. This module alone writes it.
+
+Written atomically (temporary file, rename) whatever the outcome, as strict JSON: a non-finite number
+is written as null, and `nonfinite` says which fields were NaN or infinite.
+"""
 
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -20,14 +25,32 @@ def error_message(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {lines[0] if lines else ''}".rstrip(": ")
 
 
+def finite_only(value: object, path: str = "", nonfinite: dict[str, str] | None = None) -> object:
+    """`value` with every NaN / infinite float replaced by None; their dotted paths go to `nonfinite`
+    (e.g. {"quant_val_bpb": "nan"}), so strict JSON keeps the reason."""
+    if isinstance(value, float) and not math.isfinite(value):
+        if nonfinite is not None:
+            nonfinite[path] = str(value)
+        return None
+    if isinstance(value, dict):
+        return {k: finite_only(v, f"{path}.{k}" if path else str(k), nonfinite) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_only(v, f"{path}[{i}]", nonfinite) for i, v in enumerate(value)]
+    return value
+
+
 def write_summary(run_dir: str | os.PathLike, values: dict) -> Path:
     """Write every DESIGN field (null when unknown) plus any extras, via a temporary file + rename."""
     path = Path(run_dir) / "summary.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     record = {key: values.get(key) for key in SUMMARY_FIELDS}
-    record.update({k: v for k, v in values.items() if k not in record})
+    record.update({k: v for k, v in values.items() if k not in record and k != "nonfinite"})
+    nonfinite: dict[str, str] = {}
+    record = finite_only(record, nonfinite=nonfinite)
+    if nonfinite:
+        record["nonfinite"] = nonfinite
     tmp = path.with_name(f".summary.json.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(record, indent=2, default=str) + "\n")
+    tmp.write_text(json.dumps(record, indent=2, default=str, allow_nan=False) + "\n")
     os.replace(tmp, path)
     return path
 
@@ -36,5 +59,28 @@ def read_summary(run_dir: str | os.PathLike) -> dict | None:
     path = Path(run_dir) / "summary.json"
     try:
         return json.loads(path.read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
+    except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
         return None
+
+
+def record_end(run_dir: Path, summary: dict, *, seed: int, overrides: list[str]) -> dict:
+    """Rank 0's record of how the job ended, with who it was; returns what was written."""
+    record = {**summary, "seed": seed, "overrides": overrides}
+    record.setdefault("error", None)
+    write_summary(run_dir, record)
+    return record
+
+
+def record_early_end(
+    run_dir: Path, status: str, error: str, *, seed: int, overrides: list[str], replace: bool = False
+) -> None:
+    """The record of a job that ended before rank 0 could write one (keeping rank 0's if it did,
+    unless `replace`: then its status and error are overwritten, its measurements kept). Rank 0's
+    `interrupted` always stands: all ranks agreed on that stop, so none of them had crashed."""
+    existing = read_summary(run_dir)
+    status_written = existing.get("status") if existing else None
+    if status_written not in (None, "running") and (not replace or status_written == "interrupted"):
+        return
+    write_summary(
+        run_dir, {**(existing or {}), "status": status, "error": error, "seed": seed, "overrides": overrides}
+    )

@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import signal
 import sys
 from datetime import datetime
 from pathlib import Path
@@ -21,13 +20,12 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from speedrun.config import register_configs, validate_config
+from speedrun.config import CONF_DIR, register_configs, validate_config
 from speedrun.config.resolvers import register_resolvers
-from speedrun.summary import error_message, read_summary, write_summary
+from speedrun.signals import stop_as_interrupt
+from speedrun.summary import error_message, read_summary, record_early_end
 
 log = logging.getLogger("speedrun")
-
-CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
 # At import, not only in main(): a launcher plugin (submitit) unpickles `hydra_main` in a fresh
 # process where main() never ran, and names the job's output folder there with these resolvers.
@@ -76,6 +74,7 @@ def _run_info(cfg: DictConfig) -> dict:
 
 def run_job(cfg: DictConfig) -> float:
     """Run one job (one run folder); return the final val_bpb for sweepers (+inf if it failed)."""
+    from speedrun.job import run_rank
     from speedrun.launch import RankFailure, adopt_submitit_task, external_rank, launch, local_world_size
 
     adopt_submitit_task()
@@ -89,14 +88,16 @@ def run_job(cfg: DictConfig) -> float:
         world_size = local_world_size(cfg.trainer.nproc_per_node)
         validate_config(cfg, world_size)
         config = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
-        info["resume"] = _choose_checkpoint(config, run_dir)
+        info["resume"] = _choose_checkpoint(config, run_dir, log_forced=not external or external_rank() == 0)
         if not external or external_rank() == 0:
             _prepare_data(cfg)
-        launch(config, info, nproc=world_size, external=external)
+        launch(run_rank, config, info, nproc=world_size, external=external)
     except KeyboardInterrupt:
         ended_early = True
         if not external or external_rank() == 0:
-            _ensure_summary(run_dir, info, cfg, "interrupted", "interrupted by the user")
+            record_early_end(
+                run_dir, "interrupted", "interrupted by the user", seed=cfg.seed, overrides=info["overrides"]
+            )
     except Exception as exc:  # noqa: BLE001 - every failure must end in summary.json, then re-raise
         ended_early = True
         # A failed rank's own error replaces rank 0's summary, which may only have seen its
@@ -104,7 +105,9 @@ def run_job(cfg: DictConfig) -> float:
         rank_failed = isinstance(exc, RankFailure)
         message = str(exc) if rank_failed else error_message(exc)
         if not external or external_rank() == 0:  # rank 0 alone writes summary.json
-            _ensure_summary(run_dir, info, cfg, "failed", message, replace=rank_failed)
+            record_early_end(
+                run_dir, "failed", message, seed=cfg.seed, overrides=info["overrides"], replace=rank_failed
+            )
             # Under torchrun, rank 0's summary names the rank that failed first; so does its log.
             message = (read_summary(run_dir) or {}).get("error") or message
         log.error("error: %s", message)
@@ -138,16 +141,18 @@ def _silence_logging() -> None:
         handler.close()
 
 
-def _choose_checkpoint(config: dict, run_dir: Path) -> str:
+def _choose_checkpoint(config: dict, run_dir: Path, log_forced: bool) -> str:
     """The checkpoint this job continues from ("never" for a fresh start), chosen once here,
     before any rank starts or any file is written: a corrupt checkpoint is set aside with one
-    warning, and a config that changes the run is refused in one line."""
+    warning, and a config that changes the run is refused in one line (or, forced, logged once)."""
     from speedrun.checkpoint import CheckpointManager, select_checkpoint
 
     tc = config["trainer"]
     manager = CheckpointManager(run_dir / "checkpoints")
-    # mmap: only the config is read here; the ranks load the tensors, and rank 0 logs a forced resume.
-    found = select_checkpoint(manager, str(tc["resume"]), config, tc["resume_force"], mmap=True, warn=False)
+    # mmap: only the config is read here; the ranks load the tensors.
+    found = select_checkpoint(
+        manager, str(tc["resume"]), config, tc["resume_force"], mmap=True, warn=log_forced
+    )
     return str(found[1]) if found else "never"
 
 
@@ -160,41 +165,15 @@ def _prepare_data(cfg: DictConfig) -> None:
     log.info("data: %s", data.describe())
 
 
-def _ensure_summary(
-    run_dir: Path, info: dict, cfg: DictConfig, status: str, error: str, replace: bool = False
-) -> None:
-    """Write summary.json for a job that ended before rank 0 could (keeping rank 0's if it did,
-    unless `replace`: then its status and error are overwritten, its measurements kept). Rank 0's
-    `interrupted` always stands: all ranks agreed on that stop, so none of them had crashed."""
-    existing = read_summary(run_dir)
-    status_written = existing.get("status") if existing else None
-    if status_written not in (None, "running") and (not replace or status_written == "interrupted"):
-        return
-    write_summary(
-        run_dir,
-        {
-            **(existing or {}),
-            "status": status,
-            "error": error,
-            "seed": cfg.seed,
-            "overrides": info["overrides"],
-        },
-    )
-
-
-@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def hydra_main(cfg: DictConfig) -> float:
     return run_job(cfg)
-
-
-def _sigterm_as_interrupt(signum, frame) -> None:
-    raise KeyboardInterrupt
 
 
 def main() -> None:
     # Outside the training loop (start-up, export) SIGTERM acts as Ctrl-C, so a pre-empted job still
     # ends with summary.json saying `interrupted`; the loop installs its own finish-the-step handler.
-    signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
+    stop_as_interrupt()
     os.environ.setdefault("SPEEDRUN_ORIG_CWD", os.getcwd())
     register_configs()
     sys.argv += _torchrun_overrides(sys.argv[1:])

@@ -1,11 +1,11 @@
 """The training loop and nothing else.
 
-The trainer receives built components (model, optimizer set, schedule, data source, sinks) and
-plain settings; it knows nothing of Hydra, so it can be driven from Python. Its loop follows the
-reference train_gpt.py: validation at step 0, every `val_every` steps and at the end; a wallclock
-cap measured on training time only; gradient accumulation to a global batch fixed in tokens.
-The loss is read back from the device only when it is logged, so the hot loop has no per-step
-host-device sync on GPU.
+The trainer receives built components (model, optimizer, schedule, data source, sinks), the
+`TrainerConfig` and the plan derived from it for this rank (`RunPlan`); it knows nothing of Hydra,
+so it can be driven from Python. Its loop follows the reference train_gpt.py: validation at step 0,
+every `val_every` steps and at the end; a wallclock cap measured on training time only; gradient
+accumulation to a global batch fixed in tokens. The loss is read back from the device only when it
+is logged, so the hot loop has no per-step host-device sync on GPU.
 """
 
 from __future__ import annotations
@@ -16,9 +16,6 @@ import gc
 import logging
 import math
 import resource
-import signal
-import sys
-import threading
 import time
 import warnings
 from dataclasses import dataclass
@@ -28,113 +25,101 @@ import torch
 from torch import nn
 
 from speedrun import distributed as dist_utils
-from speedrun.checkpoint import CheckpointManager, rng_state, select_checkpoint, set_rng_state
+from speedrun.checkpoint import CheckpointManager, load_checkpoint, rng_state, set_rng_state
+from speedrun.config.schema import TrainerConfig
 from speedrun.distributed import DistContext
 from speedrun.eval import evaluate
-from speedrun.export import load_artifact, save_artifact
+from speedrun.export import code_bytes, load_artifact, save_artifact
 from speedrun.flops import mfu
+from speedrun.models.protocol import scalar_parameter_names
+from speedrun.signals import StopRequest
 
 log = logging.getLogger("speedrun")
 
 
-@dataclass
-class TrainerSettings:
+@dataclass(frozen=True)
+class RunPlan:
+    """What this rank derives from the config before training: nothing here repeats a config key."""
+
     run_dir: Path
     seq_len: int
-    train_batch_tokens: int
     grad_accum_steps: int
     micro_batch_tokens: int  # per rank, per micro-step
-    max_steps: int | None
+    max_steps: int | None  # the step horizon (max_steps, or from target FLOPs / data ratio)
     max_wallclock_ms: float | None
-    warmup_steps: int = 0
-    val_every: int = 0
-    val_batch_tokens: int = 65536
-    log_every: int = 10
-    checkpoint_every: int = 0
-    checkpoint_every_seconds: float = 0.0
-    keep_checkpoints: int = 2
-    resume: str = "auto"
-    resume_force: bool = False
-    max_loss: float = 0.0
-    export: bool = True
-    compile: bool = False
+    compile: bool
+    autocast_dtype: torch.dtype | None  # bf16 mixed precision, or None for plain fp32
+    flops_per_token: float | None = None
+    resume_from: Path | None = None  # the checkpoint to continue from, chosen by the caller
 
 
-class StopRequest:
-    """SIGTERM / SIGINT set a flag; the loop finishes its step, checkpoints and stops.
+class TrainingClock:
+    """Training time in ms, evaluation and checkpoints excluded: it runs between start() and pause().
 
-    A second Ctrl-C means "now": it raises KeyboardInterrupt without waiting for the step.
+    Both synchronise the device, so queued GPU work is charged to the right side; `elapsed_ms()`
+    reads the host clock only, so the hot loop never waits for the GPU to ask the time.
     """
 
-    def __init__(self) -> None:
-        self.signal_name: str | None = None
+    def __init__(self, device: torch.device, used_ms: float = 0.0):
+        self.device = device
+        self.used_ms = used_ms
+        self._started: float | None = None
 
-    def __call__(self, signum, frame) -> None:
-        if self.signal_name is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.signal_name = signal.Signals(signum).name
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
 
-    @contextlib.contextmanager
-    def installed(self):
-        if threading.current_thread() is not threading.main_thread():
-            yield self
-            return
-        previous = {sig: signal.signal(sig, self) for sig in (signal.SIGTERM, signal.SIGINT)}
-        try:
-            yield self
-        finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
+    def start(self) -> None:
+        self._sync()
+        self._started = time.perf_counter()
 
+    def pause(self) -> None:
+        self._sync()
+        self.used_ms = self.elapsed_ms()
+        self._started = None
 
-@contextlib.contextmanager
-def signals_held():
-    """Hold SIGTERM / SIGINT while the body runs, then deliver what arrived to the usual handler.
-
-    A failing rank's report (which rank failed first, its traceback, summary.json) must not be cut
-    short: the moment one rank dies, torchrun sends SIGTERM to the others, which otherwise becomes a
-    KeyboardInterrupt in the middle of the report. A signal that arrived still takes effect after it.
-    """
-    held = StopRequest()
-    with held.installed():
-        yield
-    if held.signal_name is not None:
-        signal.raise_signal(signal.Signals[held.signal_name])
+    def elapsed_ms(self) -> float:
+        running = 0.0 if self._started is None else time.perf_counter() - self._started
+        return self.used_ms + 1000.0 * running
 
 
-def code_bytes() -> int:
-    """Bytes of the framework source this run imported: the reference counts its training script
-    as the submission's code, so tools a run never loads (compare, bench, prepare) do not count."""
-    files = {
-        Path(module.__file__)
-        for name, module in list(sys.modules.items())
-        if (name == "speedrun" or name.startswith("speedrun.")) and getattr(module, "__file__", None)
-    }
-    return sum(f.stat().st_size for f in files)
+@dataclass
+class LoopWatch:
+    """What the loop tracks between steps (none of it needed to resume)."""
+
+    outcome: dict
+    stopping: bool  # the wallclock cap was reached: the next iteration is the last
+    log_time_ms: float  # training time and step of the previous train log line
+    log_step: int
+    checkpoint_wall: float  # time.monotonic() of the previous checkpoint
+    last_finite: tuple[int, float] | None = None  # (step, loss) of the last loss within bounds
+    warned: bool = False
 
 
 class Trainer:
-    def __init__(self, model: nn.Module, optimizer, schedule, data, sinks, settings: TrainerSettings,
-                 ctx: DistContext, config: dict, flops_per_token: float | None = None):  # fmt: skip
+    def __init__(self, model: nn.Module, optimizer, schedule, data, sinks, ctx: DistContext,
+                 settings: TrainerConfig, plan: RunPlan, config: dict):  # fmt: skip
         self.model = model
         self.optimizer = optimizer
         self.schedule = schedule
         self.data = data
         self.sinks = sinks
-        self.s = settings
         self.ctx = ctx
-        self.config = config
-        self.flops_per_token = flops_per_token
+        self.settings = settings
+        self.plan = plan
+        self.config = config  # saved in checkpoints, so a resume can tell what changed
         self.device = ctx.device
-        self.autocast_dtype = torch.bfloat16 if self.device.type == "cuda" else None
-        self.checkpoints = CheckpointManager(settings.run_dir / "checkpoints", settings.keep_checkpoints)
+        self.checkpoints = CheckpointManager(plan.run_dir / "checkpoints", settings.keep_checkpoints)
         self.stop = StopRequest()
+        # The schedule scales each param group's starting learning rate (torch's `initial_lr`).
+        for group in optimizer.param_groups:
+            group.setdefault("initial_lr", group["lr"])
         # Loop state, all of it saved in checkpoints.
         self.step = 0
-        self.train_time_ms = 0.0
+        self.clock = TrainingClock(self.device)
         self.records_logged = 0
         self.min_val_bpb = math.inf
-        self.last_val: tuple[float, float] | None = None
+        self.last_val: tuple[float, float | None] | None = None
         self.checkpointed_step = -1  # the step of the newest checkpoint on disk, so none is written twice
 
     # ------------------------------------------------------------------ set-up
@@ -142,7 +127,7 @@ class Trainer:
     def _wrap(self) -> tuple[nn.Module, nn.Module]:
         """(model for training steps, model for evaluation): compiled, then DDP when distributed."""
         forward_model = self.model
-        if self.s.compile:
+        if self.plan.compile:
             forward_model = torch.compile(self.model, dynamic=False, fullgraph=True)
         train_model = forward_model
         if self.ctx.distributed:
@@ -151,7 +136,7 @@ class Trainer:
             device_ids = [self.ctx.local_rank] if self.device.type == "cuda" else None
             # The buffers (rotary caches) are the same on every rank: no broadcast each forward.
             # Torch 2.13 renamed the flag (forward_sync_buffers); the old name works on every
-            # supported torch (>= 2.4), so its deprecation notice is silenced rather than followed.
+            # supported torch (>= 2.5), so its deprecation notice is silenced rather than followed.
             with warnings.catch_warnings():
                 warnings.filterwarnings(
                     "ignore", message="`broadcast_buffers` is deprecated", category=FutureWarning
@@ -160,28 +145,33 @@ class Trainer:
         return train_model, forward_model
 
     def _autocast(self):
-        if self.autocast_dtype is None:
+        if self.plan.autocast_dtype is None:
             return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
+        return torch.autocast(device_type=self.device.type, dtype=self.plan.autocast_dtype)
 
     # ------------------------------------------------------------------ steps
 
+    def _set_learning_rates(self, step: int, elapsed_ms: float) -> None:
+        scale = self.schedule.lr_scale(step, elapsed_ms)
+        for group in self.optimizer.param_groups:
+            group["lr"] = group["initial_lr"] * scale
+
     def _train_step(self, train_model: nn.Module, loader, step: int, elapsed_ms: float) -> torch.Tensor:
         """One optimizer step over the whole global batch; returns the mean loss (on device)."""
-        self.optimizer.prepare_step(step, self.schedule.lr_scale(step, elapsed_ms))
-        accum = self.s.grad_accum_steps
+        self._set_learning_rates(step, elapsed_ms)
+        accum = self.plan.grad_accum_steps
         train_loss = torch.zeros((), device=self.device)
         for micro_step in range(accum):
             if self.ctx.distributed:
                 # Gradients are all-reduced once, on the last micro-step.
                 train_model.require_backward_grad_sync = micro_step == accum - 1
-            x, y = loader.next_batch(self.s.micro_batch_tokens)
+            x, y = loader.next_batch(self.plan.micro_batch_tokens)
             with self._autocast():
                 loss = train_model(x, y)
             train_loss += loss.detach()
             (loss / accum).backward()
         self.optimizer.step()
-        self.optimizer.zero_grad()
+        self.optimizer.zero_grad(set_to_none=True)
         return train_loss / accum
 
     def _warmup(self, train_model: nn.Module, loader) -> None:
@@ -190,45 +180,58 @@ class Trainer:
         initial_model = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
         initial_optim = copy.deepcopy(self.optimizer.state_dict())
         initial_loader = loader.state_dict()
-        for i in range(self.s.warmup_steps):
+        for i in range(self.settings.warmup_steps):
             self._train_step(train_model, loader, 0, 0.0)
-            log.info("warmup_step:%d/%d", i + 1, self.s.warmup_steps)
+            log.info("warmup_step:%d/%d", i + 1, self.settings.warmup_steps)
         self.model.load_state_dict(initial_model, strict=True)
         self.optimizer.load_state_dict(initial_optim)
-        self.optimizer.zero_grad()
+        self.optimizer.zero_grad(set_to_none=True)
         loader.load_state_dict(initial_loader)
 
-    def _evaluate(self, eval_model: nn.Module, val_tokens, luts) -> tuple[float, float]:
-        per_rank_batch = self.s.val_batch_tokens // (self.ctx.world_size * self.s.grad_accum_steps)
-        per_rank_batch = max(per_rank_batch // self.s.seq_len, 1) * self.s.seq_len
+    def _evaluate(self, eval_model: nn.Module, val_tokens, luts) -> tuple[float, float | None]:
+        per_rank_batch = self.settings.val_batch_tokens // (self.ctx.world_size * self.plan.grad_accum_steps)
+        per_rank_batch = max(per_rank_batch // self.plan.seq_len, 1) * self.plan.seq_len
         return evaluate(
-            eval_model, val_tokens, luts, seq_len=self.s.seq_len, batch_tokens=per_rank_batch,
+            eval_model, val_tokens, luts, seq_len=self.plan.seq_len, batch_tokens=per_rank_batch,
             rank=self.ctx.rank, world_size=self.ctx.world_size, device=self.device,
-            autocast_dtype=self.autocast_dtype,
+            autocast_dtype=self.plan.autocast_dtype,
         )  # fmt: skip
 
-    def _sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
+    def _validate(self, eval_model: nn.Module, val_tokens, luts) -> None:
+        val_loss, val_bpb = self._evaluate(eval_model, val_tokens, luts)
+        self.last_val = (val_loss, val_bpb)
+        if val_bpb is not None:
+            self.min_val_bpb = min(self.min_val_bpb, val_bpb)
+        self._record({"val/loss": val_loss, "val/bpb": val_bpb})
 
     # ------------------------------------------------------------------ logging
 
-    def _record(self, metrics: dict) -> None:
+    def _record(self, metrics: dict, train_time_ms: float | None = None) -> None:
         record = {
             "step": self.step,
-            "tokens": self.step * self.s.train_batch_tokens,
-            "train_time_ms": round(self.train_time_ms, 3),
+            "tokens": self.step * self.settings.train_batch_tokens,
+            "train_time_ms": round(self.clock.elapsed_ms() if train_time_ms is None else train_time_ms, 3),
             **metrics,
         }
         self.sinks.log(record)
         self.records_logged += 1
+
+    def _mfu(self, tok_per_sec: float) -> float | None:
+        if self.plan.flops_per_token is None or self.device.type != "cuda":
+            return None
+        return mfu(
+            tok_per_sec,
+            self.plan.flops_per_token,
+            self.ctx.world_size,
+            torch.cuda.get_device_name(self.device),
+        )
 
     # ------------------------------------------------------------------ checkpoints
 
     def _checkpoint_state(self, loader) -> dict:
         return {
             "step": self.step,
-            "train_time_ms": self.train_time_ms,
+            "train_time_ms": self.clock.used_ms,
             "records_logged": self.records_logged,
             "min_val_bpb": self.min_val_bpb,
             "model": self.model.state_dict(),
@@ -261,39 +264,36 @@ class Trainer:
             )  # fmt: skip
 
     def _resume(self, loader) -> None:
-        """Continue from the checkpoint `settings.resume` selects (see select_checkpoint), and cut
-        metrics.jsonl back to the records written before it, so it holds exactly this run's history
+        """Continue from `plan.resume_from` (chosen by the caller, see checkpoint.select_checkpoint), and
+        cut metrics.jsonl back to the records written before it, so it holds exactly this run's history
         (an empty file on a fresh start in a reused folder)."""
-        found = select_checkpoint(
-            self.checkpoints, self.s.resume, self.config, self.s.resume_force, warn=self.ctx.is_main
-        )
-        if found is not None:
-            state, path = found
+        if self.plan.resume_from is not None:
+            state = load_checkpoint(self.plan.resume_from)
             self.model.load_state_dict(state["model"], strict=True)
             self.optimizer.load_state_dict(state["optimizer"])
             loader.load_state_dict(state["loader"])
             set_rng_state(state["rng"])
             self.step = self.checkpointed_step = int(state["step"])
-            self.train_time_ms = float(state["train_time_ms"])
+            self.clock.used_ms = float(state["train_time_ms"])
             self.records_logged = int(state["records_logged"])
             self.min_val_bpb = float(state["min_val_bpb"])
             log.info(
-                "resumed from %s at step %d (%.0f ms of training used)", path, self.step, self.train_time_ms
-            )
+                "resumed from %s at step %d (%.0f ms of training used)",
+                self.plan.resume_from, self.step, self.clock.used_ms,
+            )  # fmt: skip
         if self.ctx.is_main:
-            truncate_lines(self.s.run_dir / "metrics.jsonl", self.records_logged)
+            truncate_lines(self.plan.run_dir / "metrics.jsonl", self.records_logged)
 
     # ------------------------------------------------------------------ the loop
 
     def fit(self) -> dict:
         """Train, evaluate, export; return the summary fields this run knows."""
-        s = self.s
         train_model, eval_model = self._wrap()
         val_tokens = self.data.load_val_tokens()
         luts = self.data.byte_luts(self.device)
         loader = self.data.train_loader(self.ctx.rank, self.ctx.world_size, self.device)
         self.model.train()
-        if s.warmup_steps:
+        if self.settings.warmup_steps:
             self._warmup(train_model, loader)
         self._resume(loader)
         # Everything allocated so far lives until the end: keep the collector from rescanning it.
@@ -306,114 +306,118 @@ class Trainer:
             # Collectable again once the loop ends: a sweep runs job after job in one process, and
             # the model's DDP wrapper must be freed before its process group is destroyed (cleanup).
             gc.unfreeze()
-        return self._finish(outcome, eval_model, loader, val_tokens, luts)
+        return self._finish(outcome, eval_model, val_tokens, luts)
 
     def _loop(self, train_model, eval_model, loader, val_tokens, luts) -> dict:
-        s = self.s
-        outcome = {"status": "completed"}
-        last_finite: tuple[int, float] | None = None  # (step, loss) of the last loss within bounds
-        # A resumed run counts the training time already used: past the cap it only finishes.
-        stopping = s.max_wallclock_ms is not None and self.train_time_ms >= s.max_wallclock_ms
-        last_log_time, last_log_step = self.train_time_ms, self.step
-        last_checkpoint_wall = time.monotonic()
-        warned = False
-        self._sync()
-        t0 = time.perf_counter()
+        """Validate, step, log, agree on stopping, checkpoint; return how the loop ended."""
+        plan, clock = self.plan, self.clock
+        watch = LoopWatch(
+            outcome={"status": "completed"},
+            # A resumed run counts the training time already used: past the cap it only finishes.
+            stopping=plan.max_wallclock_ms is not None and clock.used_ms >= plan.max_wallclock_ms,
+            log_time_ms=clock.used_ms,
+            log_step=self.step,
+            checkpoint_wall=time.monotonic(),
+        )
+        clock.start()
         while True:
-            last_step = stopping or (s.max_steps is not None and self.step >= s.max_steps)
-            if last_step:
+            if watch.stopping or (plan.max_steps is not None and self.step >= plan.max_steps):
                 # The end checkpoint precedes the final validation, so resuming a finished run
                 # repeats only that validation and the export, and rewrites the same files.
-                self._accumulate_time(t0)
+                clock.pause()
                 self._save_checkpoint(loader)
-                t0 = time.perf_counter()
-            if last_step or (s.val_every > 0 and self.step % s.val_every == 0):
-                self._sync()
-                self.train_time_ms += 1000.0 * (time.perf_counter() - t0)
-                val_loss, val_bpb = self._evaluate(eval_model, val_tokens, luts)
-                self.last_val = (val_loss, val_bpb)
-                self.min_val_bpb = min(self.min_val_bpb, val_bpb)
-                self._record({"val/loss": val_loss, "val/bpb": val_bpb})
-                self._sync()
-                t0 = time.perf_counter()
-            if last_step:
-                break
-
-            elapsed_ms = self.train_time_ms + 1000.0 * (time.perf_counter() - t0)
-            train_loss = self._train_step(train_model, loader, self.step, elapsed_ms)
+                self._validate(eval_model, val_tokens, luts)
+                return watch.outcome
+            if self.settings.val_every > 0 and self.step % self.settings.val_every == 0:
+                clock.pause()
+                self._validate(eval_model, val_tokens, luts)
+                clock.start()
+            train_loss = self._train_step(train_model, loader, self.step, clock.elapsed_ms())
             self.step += 1
-            elapsed_ms = self.train_time_ms + 1000.0 * (time.perf_counter() - t0)
-            if not warned and self.step == 10:
-                warned = True
-                message = self.schedule.warning(self.step, elapsed_ms)
-                if message:
-                    log.warning("warning: %s", message)
-
-            # The loss is read back only when logged (and every step on CPU, where it is free).
-            should_log = s.log_every > 0 and (self.step <= 10 or self.step % s.log_every == 0)
-            loss_value = None
-            if should_log or self.device.type == "cpu":
-                if should_log:
-                    # Log the global batch's loss, not rank 0's share of it, so N ranks log what
-                    # 1 rank does (the reference logs rank 0's share). All ranks agree on should_log.
-                    train_loss = dist_utils.mean_over_ranks(self.ctx, train_loss)
-                loss_value = train_loss.item()
-                if math.isfinite(loss_value) and not (s.max_loss > 0 and loss_value > s.max_loss):
-                    last_finite = (self.step, loss_value)
-                elif outcome["status"] != "diverged":
-                    outcome = self._diverged(loss_value, last_finite)
-            if should_log:
-                interval_ms = max(elapsed_ms - last_log_time, 1e-9)
-                tok_per_sec = (self.step - last_log_step) * s.train_batch_tokens / (interval_ms / 1000.0)
-                self._record({
-                    "train/loss": loss_value,
-                    "train/tok_per_sec": tok_per_sec,
-                    "train/mfu": self._mfu(tok_per_sec),
-                    "lr_scale": self.schedule.lr_scale(self.step, elapsed_ms),
-                    "step_ms": interval_ms / max(self.step - last_log_step, 1),
-                    "train_time_ms": round(elapsed_ms, 3),
-                })  # fmt: skip
-                last_log_time, last_log_step = elapsed_ms, self.step
-
-            cap_reached = s.max_wallclock_ms is not None and elapsed_ms >= s.max_wallclock_ms
-            cap_reached, signalled, diverged = dist_utils.any_rank(
-                self.ctx, [cap_reached, self.stop.signal_name is not None, outcome["status"] == "diverged"]
-            )
+            elapsed_ms = clock.elapsed_ms()
+            self._warn_about_schedule_once(watch, elapsed_ms)
+            self._observe_loss(watch, train_loss, elapsed_ms)
+            cap_reached, signalled, diverged = dist_utils.any_rank(self.ctx, [
+                plan.max_wallclock_ms is not None and elapsed_ms >= plan.max_wallclock_ms,
+                self.stop.signal_name is not None,
+                watch.outcome["status"] == "diverged",
+            ])  # fmt: skip
             if diverged:
                 # Stop before any checkpoint: the weights of this step may already be ruined.
-                if outcome["status"] != "diverged":  # another rank saw it first
-                    outcome = self._diverged(loss_value, last_finite)
-                log.error("error: %s", outcome["error"])
-                break
-            due = (s.checkpoint_every > 0 and self.step % s.checkpoint_every == 0) or (
-                s.checkpoint_every_seconds > 0
-                and time.monotonic() - last_checkpoint_wall >= s.checkpoint_every_seconds
-            )
+                clock.pause()
+                if watch.outcome["status"] != "diverged":  # another rank saw it first
+                    watch.outcome = self._diverged(None, watch.last_finite)
+                log.error("error: %s", watch.outcome["error"])
+                return watch.outcome
             if signalled:
-                self._accumulate_time(t0)
+                clock.pause()
                 self._save_checkpoint(loader)
-                name = self.stop.signal_name or "a signal on another rank"
-                log.warning(
-                    "interrupted at step %d by %s; run the same command again to resume", self.step, name
-                )
-                interrupted = {"status": "interrupted", "error": f"interrupted by {name} at step {self.step}"}
-                return {**outcome, **interrupted}
-            if due:
-                self._accumulate_time(t0)
+                return {**watch.outcome, **self._interrupted()}
+            if self._checkpoint_due(watch):
+                clock.pause()
                 self._save_checkpoint(loader)
-                last_checkpoint_wall = time.monotonic()
-                t0 = time.perf_counter()
-            if cap_reached and not stopping:
-                stopping = True
+                watch.checkpoint_wall = time.monotonic()
+                clock.start()
+            if cap_reached and not watch.stopping:
+                watch.stopping = True
                 log.info("stopping_early: wallclock_cap train_time:%.0fms step:%d", elapsed_ms, self.step)
-        self._accumulate_time(t0)
-        return outcome
+
+    def _warn_about_schedule_once(self, watch: LoopWatch, elapsed_ms: float) -> None:
+        """The schedule's own check of how it fits this hardware, once the step time is known."""
+        if not watch.warned and self.step == 10:
+            watch.warned = True
+            if message := self.schedule.warning(self.step, elapsed_ms):
+                log.warning("warning: %s", message)
+
+    def _observe_loss(self, watch: LoopWatch, train_loss: torch.Tensor, elapsed_ms: float) -> None:
+        """Read the loss back when it is logged (every step on CPU, where that is free), watch it for
+        divergence, log it, and show progress."""
+        s = self.settings
+        should_log = s.log_every > 0 and (self.step <= 10 or self.step % s.log_every == 0)
+        loss_value = None
+        if should_log or self.device.type == "cpu":
+            if should_log:
+                # Log the global batch's loss, not rank 0's share of it, so N ranks log what
+                # 1 rank does (the reference logs rank 0's share). All ranks agree on should_log.
+                train_loss = dist_utils.mean_over_ranks(self.ctx, train_loss)
+            loss_value = train_loss.item()
+            if math.isfinite(loss_value) and not (s.max_loss > 0 and loss_value > s.max_loss):
+                watch.last_finite = (self.step, loss_value)
+            elif watch.outcome["status"] != "diverged":
+                watch.outcome = self._diverged(loss_value, watch.last_finite)
+        if should_log:
+            interval_ms = max(elapsed_ms - watch.log_time_ms, 1e-9)
+            steps = max(self.step - watch.log_step, 1)
+            tok_per_sec = steps * s.train_batch_tokens / (interval_ms / 1000.0)
+            self._record({
+                "train/loss": loss_value,
+                "train/tok_per_sec": tok_per_sec,
+                "train/mfu": self._mfu(tok_per_sec),
+                "lr_scale": self.schedule.lr_scale(self.step, elapsed_ms),
+                "step_ms": interval_ms / steps,
+            }, train_time_ms=elapsed_ms)  # fmt: skip
+            watch.log_time_ms, watch.log_step = elapsed_ms, self.step
+        self.sinks.progress(self.step, elapsed_ms, loss_value)
+
+    def _checkpoint_due(self, watch: LoopWatch) -> bool:
+        s = self.settings
+        by_steps = s.checkpoint_every > 0 and self.step % s.checkpoint_every == 0
+        by_time = (
+            s.checkpoint_every_seconds > 0
+            and time.monotonic() - watch.checkpoint_wall >= s.checkpoint_every_seconds
+        )
+        return by_steps or by_time
+
+    def _interrupted(self) -> dict:
+        name = self.stop.signal_name or "a signal on another rank"
+        log.warning("interrupted at step %d by %s", self.step, name)
+        return {"status": "interrupted", "error": f"interrupted by {name} at step {self.step}"}
 
     def _diverged(self, loss: float | None, last_finite: tuple[int, float] | None) -> dict:
         """The summary fields of a diverged run: where, with what loss, and the last good one."""
         last_step, last_loss = last_finite if last_finite else (None, None)
         if loss is not None and math.isfinite(loss):
-            what = f"loss {loss:.4f} exceeds trainer.max_loss={self.s.max_loss}"
+            what = f"loss {loss:.4f} exceeds trainer.max_loss={self.settings.max_loss}"
         else:
             what = f"loss is {loss if loss is not None else 'non-finite on another rank'}"
         last = "none finite before"
@@ -428,25 +432,13 @@ class Trainer:
             "last_finite_step": last_step, "last_finite_loss": last_loss, "error": message,
         }  # fmt: skip
 
-    def _accumulate_time(self, t0: float) -> None:
-        """Fold the time since t0 into train_time_ms (evaluation excluded, as the reference)."""
-        self._sync()
-        self.train_time_ms += 1000.0 * (time.perf_counter() - t0)
-
-    def _mfu(self, tok_per_sec: float) -> float | None:
-        if self.flops_per_token is None or self.device.type != "cuda":
-            return None
-        return mfu(
-            tok_per_sec, self.flops_per_token, self.ctx.world_size, torch.cuda.get_device_name(self.device)
-        )
-
     # ------------------------------------------------------------------ the end
 
-    def _finish(self, outcome: dict, eval_model, loader, val_tokens, luts) -> dict:
-        s = self.s
+    def _finish(self, outcome: dict, eval_model, val_tokens, luts) -> dict:
         steps = self.step
-        tokens_seen = steps * s.train_batch_tokens
-        tok_per_sec = tokens_seen / (self.train_time_ms / 1000.0) if self.train_time_ms > 0 else None
+        train_time_ms = self.clock.used_ms
+        tokens_seen = steps * self.settings.train_batch_tokens
+        tok_per_sec = tokens_seen / (train_time_ms / 1000.0) if train_time_ms > 0 else None
         summary = {
             **outcome,
             "val_loss": self.last_val[0] if self.last_val else None,
@@ -455,31 +447,30 @@ class Trainer:
             "params": sum(p.numel() for p in self.model.parameters()),
             "steps": steps,
             "tokens_seen": tokens_seen,
-            "train_time_ms": round(self.train_time_ms, 3),
-            "step_avg_ms": self.train_time_ms / steps if steps else None,
+            "train_time_ms": round(train_time_ms, 3),
+            "step_avg_ms": train_time_ms / steps if steps else None,
             "tok_per_sec": tok_per_sec,
             "mfu": self._mfu(tok_per_sec) if tok_per_sec else None,
             "peak_mem_mib": peak_memory_mib(self.device),
             "world_size": self.ctx.world_size,
         }
-        if outcome["status"] != "completed":
-            return summary
-        if s.export:
+        if outcome["status"] == "completed" and self.settings.export:
             summary.update(self._export(eval_model, val_tokens, luts))
         return summary
 
     def _export(self, eval_model, val_tokens, luts) -> dict:
         """Write the int8+zlib artifact (rank 0), then every rank evaluates its round trip."""
-        path = self.s.run_dir / "final_model.int8.ptz"
+        path = self.plan.run_dir / "final_model.int8.ptz"
         if self.ctx.is_main:
-            save_artifact(self.model.state_dict(), path)
+            save_artifact(self.model.state_dict(), path, keep_fp32=scalar_parameter_names(self.model))
         dist_utils.barrier(self.ctx)
         self.model.load_state_dict(load_artifact(path), strict=True)
         quant_loss, quant_bpb = self._evaluate(eval_model, val_tokens, luts)
         self._record({"quant/val_loss": quant_loss, "quant/val_bpb": quant_bpb})
         model_bytes = path.stat().st_size
         code = code_bytes()
-        log.info("final_int8_zlib_roundtrip val_loss:%.8f val_bpb:%.8f", quant_loss, quant_bpb)
+        bpb_text = "n/a" if quant_bpb is None else f"{quant_bpb:.8f}"
+        log.info("final_int8_zlib_roundtrip val_loss:%.8f val_bpb:%s", quant_loss, bpb_text)
         log.info("artifact: model %d bytes + code %d bytes = %d bytes", model_bytes, code, model_bytes + code)
         return {
             "quant_val_loss": quant_loss,

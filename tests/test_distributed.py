@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from speedrun.data.shards import HEADER_BYTES
-from speedrun.trainer import signals_held
+from speedrun.signals import signals_held
 from tests.conftest import REPO, TINY, cli_env, read_metrics, read_summary
 
 STEPS = 12

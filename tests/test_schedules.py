@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from speedrun.config import TrainerConfig
 from speedrun.job import resolve_max_steps
 from speedrun.schedules import WSD, WallclockWarmdown
 
@@ -77,9 +78,9 @@ def test_a_schedule_needs_a_horizon():
         WSD(max_steps=None, max_wallclock_ms=None)
 
 
-def horizon(**overrides):
+def horizon(**overrides) -> TrainerConfig:
     cfg = {"train_batch_tokens": 1000, "max_steps": 0, "target_flops": 0.0, "target_param_data_ratio": 0.0}
-    return {**cfg, **overrides}
+    return TrainerConfig(**{**cfg, **overrides})
 
 
 def test_horizon_precedence_is_steps_then_flops_then_data_ratio():

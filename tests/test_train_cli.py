@@ -35,7 +35,7 @@ def test_tiny_run_leaves_every_output_and_learns(tmp_path):
     assert summary["artifact_bytes"] == summary["model_bytes"] + summary["code_bytes"]
     # Code bytes count the framework source the run imported, not tools it never loads.
     package = REPO / "speedrun"
-    tools = sum((package / name).stat().st_size for name in ("compare.py", "bench.py", "data/prepare.py"))
+    tools = sum((package / name).stat().st_size for name in ("compare.py", "data/prepare.py"))
     assert 0 < summary["code_bytes"] <= sum(p.stat().st_size for p in package.rglob("*.py")) - tools
     assert (run_dir / "final_model.int8.ptz").stat().st_size == summary["model_bytes"]
     assert (run_dir / ".hydra" / "config.yaml").exists() and (run_dir / "train.log").exists()
