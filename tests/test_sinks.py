@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
+import sys
 
 import pytest
 
@@ -105,25 +107,42 @@ def test_console_lines_with_eta_from_steps_or_wallclock():
     ]
 
 
-def test_console_on_a_terminal_redraws_one_progress_line(tmp_path):
+def test_console_on_a_terminal_shows_a_live_bar_and_keeps_train_lines_in_the_log(tmp_path):
     terminal, bar = TerminalStream(), TerminalStream()
-    logger = capture_logger("test_sinks.tty", terminal)
+    root = logging.getLogger()
+    console = logging.StreamHandler(sys.stdout)  # as Hydra's console handler, which writes to stdout
+    console.setFormatter(logging.Formatter("%(message)s"))
     log_file = tmp_path / "train.log"
-    logger.addHandler(logging.FileHandler(log_file))
-    sink = ConsoleSink(2000, logger, stream=bar)
-    assert sink.interactive
-    sink.log(TRAIN)
-    sink.log({**TRAIN, "step": 121})
-    sink.log(VAL)
-    sink.finish({"status": "completed"})
-    # The bar redraws in place and is ended by a newline before the validation line prints.
-    assert bar.getvalue().count("\r") == 2 and "\rstep 121/2000 | loss 3.2140" in bar.getvalue()
-    assert bar.getvalue().endswith("\x1b[K\n")
-    assert terminal.getvalue() == "step 120 | val_loss 3.1000 | val_bpb 1.8000\n"
-    # train.log still gets every line.
-    assert log_file.read_text().count("\n") == 3
-    # finish() takes its filter off, so later messages reach the terminal unchanged.
-    assert not logger.handlers[0].filters
+    file_handler = logging.FileHandler(log_file)
+    root.addHandler(console)
+    root.addHandler(file_handler)
+    logger = logging.getLogger("test_sinks.tty")
+    logger.setLevel(logging.INFO)
+    try:
+        with contextlib.redirect_stdout(terminal):
+            console.setStream(sys.stdout)
+            sink = ConsoleSink(2000, logger, max_wallclock_ms=100_000, stream=bar, tokens_per_step=8192)
+            for step in range(1, 121):  # every step updates the bar, at 41.2 ms a step
+                sink.progress(step, step * 41.2, 3.21404 if step == 120 else None)
+            sink.log(TRAIN)
+            sink.log(VAL)
+            sink.finish({"status": "completed"})
+        # finish() restores the console handler as it was.
+        assert not console.filters and console in root.handlers
+    finally:
+        root.removeHandler(console)
+        root.removeHandler(file_handler)
+        file_handler.close()
+    drawn = bar.getvalue()
+    # The last redraw shows the step, the loss, the step time, tokens/s and the ETA of the nearer horizon:
+    # (2000 - 120) steps x 41.2 ms = 77 s, sooner than the wallclock cap's 100 - 4.9 s.
+    last = drawn.rsplit("\r", 1)[-1]
+    assert "120/2000" in last and "loss 3.2140" in last and "41.2 ms/step" in last, last
+    assert "198.8K tok/s" in last and "eta 1m17s" in last, last
+    # The train line went to train.log only; the validation line was printed above the bar.
+    assert "step 120 | val_loss 3.1000 | val_bpb 1.8000" in drawn + terminal.getvalue()
+    assert "loss 3.2140 | 41.2 ms/step" not in terminal.getvalue()
+    assert log_file.read_text().count("\n") == 2
 
 
 @pytest.mark.parametrize(
@@ -156,29 +175,41 @@ def test_wandb_row_and_summary_mapping():
     assert summary == {"status": "failed", "val/bpb_final": 1.8, "quant/val_loss": 3.2, "steps": 5}
 
 
-def build(tmp_path, logger_cfg: dict, is_rank0: bool = True) -> MultiSink:
+def build(tmp_path, logger_factory=None, is_rank0: bool = True) -> MultiSink:
     return build_sinks(
-        logger_cfg=logger_cfg,
+        logger_factory=logger_factory,
         run_dir=tmp_path,
         config={"seed": 1},
         run_info={"sweep_dir_name": None, "sweep_preset": None, "job_name": None},
         is_rank0=is_rank0,
         total_steps=10,
         max_wallclock_ms=None,
+        tokens_per_step=1024,
         log=logging.getLogger("test_sinks.build"),
     )
 
 
 def test_build_sinks_console_and_jsonl_on_rank0_only(tmp_path):
-    assert len(build(tmp_path / "rank1", {"kind": "none"}, is_rank0=False)) == 0
+    assert len(build(tmp_path / "rank1", Recorder, is_rank0=False)) == 0
     assert not (tmp_path / "rank1").exists()
-    sinks = build(tmp_path, {"kind": "wandb", "mode": "disabled", "project": "speedrun"})
+    sinks = build(tmp_path)
     assert [type(sink) for sink in sinks.sinks] == [ConsoleSink, JsonlSink]
     sinks.log(TRAIN)
     sinks.finish({"status": "completed"})
     assert json.loads((tmp_path / "metrics.jsonl").read_text()) == TRAIN
 
 
-def test_build_sinks_rejects_unknown_logger_kind(tmp_path):
-    with pytest.raises(ValueError, match="logger.kind='tensorboard'"):
-        build(tmp_path, {"kind": "tensorboard"})
+def test_the_logger_factory_gets_the_run_folder_config_and_run_info(tmp_path):
+    made = {}
+
+    def factory(**kwargs):
+        made.update(kwargs)
+        return Recorder()
+
+    sinks = build(tmp_path, factory)
+    assert [type(sink) for sink in sinks.sinks] == [ConsoleSink, JsonlSink, Recorder]
+    assert made == {
+        "run_dir": tmp_path,
+        "config": {"seed": 1},
+        "run_info": {"sweep_dir_name": None, "sweep_preset": None, "job_name": None},
+    }

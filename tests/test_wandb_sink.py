@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import pytest
@@ -40,36 +41,22 @@ def val_record(step: int, bpb: float) -> dict:
     }
 
 
-def make_sink(run_dir, name: str, **overrides) -> WandbSink:
-    arguments = dict(
-        project="speedrun",
-        entity=None,
-        mode="offline",
-        run_dir=run_dir,
-        group="2026-01-01_00-00-00",
-        job_type="lr",
-        name=name,
-        tags=["test"],
-        config=CONFIG,
-    )
-    return WandbSink(**{**arguments, **overrides})
+def make_sink(run_dir, name: str, job_type: str = "lr", **overrides) -> WandbSink:
+    run_info = {"sweep_dir_name": "2026-01-01_00-00-00", "sweep_preset": job_type, "job_name": name}
+    arguments = dict(project="speedrun", mode="offline", run_dir=run_dir, tags=["test"], config=CONFIG)
+    return WandbSink(run_info=run_info, **{**arguments, **overrides})
 
 
 def test_offline_run_through_build_sinks_reads_back(tmp_path):
     sinks = build_sinks(
-        logger_cfg={
-            "kind": "wandb",
-            "project": "speedrun",
-            "entity": None,
-            "mode": "offline",
-            "tags": ["a", "b"],
-        },
+        logger_factory=functools.partial(WandbSink, project="speedrun", mode="offline", tags=["a", "b"]),
         run_dir=tmp_path,
         config=CONFIG,
         run_info={"sweep_dir_name": "2026-01-01_00-00-00", "sweep_preset": "lr", "job_name": "0_lr=0.02"},
         is_rank0=True,
         total_steps=4,
         max_wallclock_ms=None,
+        tokens_per_step=4096,
         log=logging.getLogger("test_wandb_sink"),
     )
     for step in (1, 2):

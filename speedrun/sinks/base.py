@@ -1,6 +1,8 @@
 """The sink interface: where training events go (console, metrics.jsonl, wandb, ...).
 
-The trainer calls `log(record)` for every event and `finish(summary)` once at the end, whatever the outcome.
+The trainer calls `log(record)` for every event, `progress(step, train_time_ms, loss)` after every
+training step (for live displays; `loss` is None on steps whose loss was not read back from the
+device), and `finish(summary)` once at the end, whatever the outcome.
 A record always holds `step`, `tokens` and `train_time_ms`, plus the metrics of that event
 (`train/loss`, `val/bpb`, ...); a metric may be None where it does not apply (MFU on CPU).
 """
@@ -18,6 +20,9 @@ class Sink:
 
     def log(self, record: dict) -> None:
         """One event: `step`, `tokens`, `train_time_ms` plus that event's metrics."""
+
+    def progress(self, step: int, train_time_ms: float, loss: float | None) -> None:
+        """After every training step: cheap, and never a reason to read anything back from the GPU."""
 
     def finish(self, summary: dict) -> None:
         """End of run; `summary` holds the summary.json fields (`status`, `val_bpb`, ...)."""
@@ -40,15 +45,18 @@ class MultiSink(Sink):
     def log(self, record: dict) -> None:
         self._call_each("log", record)
 
+    def progress(self, step: int, train_time_ms: float, loss: float | None) -> None:
+        self._call_each("progress", step, train_time_ms, loss)
+
     def finish(self, summary: dict) -> None:
         self._call_each("finish", summary)
 
-    def _call_each(self, method: str, payload: dict) -> None:
+    def _call_each(self, method: str, *payload) -> None:
         for index, sink in enumerate(self.sinks):
             if index in self._broken:
                 continue
             try:
-                getattr(sink, method)(payload)
+                getattr(sink, method)(*payload)
             except Exception as error:  # noqa: BLE001 - any logger failure must not stop training
                 self._broken.add(index)
                 log.warning(

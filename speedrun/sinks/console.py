@@ -1,21 +1,28 @@
-"""Human-readable progress: one line per training log step, one per evaluation.
+"""Human-readable progress: a live tqdm bar on a terminal, plain log lines otherwise.
 
-In a terminal the training lines redraw a single progress line (`\\r`) instead of scrolling; evaluation
-lines still print. Everything goes through the given logger, so the file handler the entry point installs
-(train.log) gets every line either way.
+On a terminal the bar is redrawn every step (step, loss, ms/step, tokens/s and an ETA that accounts
+for both the step and the wallclock horizon); the periodic train lines go to train.log only, and
+every other log line is printed above the bar (tqdm's logging redirect). Not on a terminal (a file,
+a pipe, a cluster's log), each train and evaluation record is one plain log line. Everything goes
+through the given logger, so the file handler the entry point installs (train.log) gets every line.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
-import shutil
 import sys
 from typing import TextIO
 
+from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
+
 from speedrun.sinks.base import Sink
 
-# Set on log records that the terminal shows as the progress line rather than as a scrolling line.
+# Set on log records that the terminal shows in the bar rather than as a scrolling line.
 PROGRESS_ATTR = "speedrun_progress"
+# Weight of the newest step in the smoothed step time the bar shows.
+SMOOTHING = 0.1
 
 
 def format_duration(seconds: float) -> str:
@@ -39,14 +46,19 @@ def format_rate(per_second: float) -> str:
     return f"{per_second:.0f}"
 
 
-def eta_seconds(record: dict, total_steps: int | None, max_wallclock_ms: float | None) -> float | None:
+def eta_seconds(
+    step: int,
+    train_time_ms: float,
+    step_ms: float | None,
+    total_steps: int | None,
+    max_wallclock_ms: float | None,
+) -> float | None:
     """Time left until whichever limit ends the run first: the step budget or the wallclock budget."""
     remaining_ms = []
-    step_ms = record.get("step_ms")
     if total_steps and step_ms is not None:
-        remaining_ms.append((total_steps - record["step"]) * step_ms)
+        remaining_ms.append((total_steps - step) * step_ms)
     if max_wallclock_ms:
-        remaining_ms.append(max_wallclock_ms - record["train_time_ms"])
+        remaining_ms.append(max_wallclock_ms - train_time_ms)
     return max(0.0, min(remaining_ms)) / 1000 if remaining_ms else None
 
 
@@ -59,7 +71,9 @@ def format_train_line(record: dict, total_steps: int | None, max_wallclock_ms: f
         parts.append(f"{record['step_ms']:.1f} ms/step")
     if record.get("train/tok_per_sec") is not None:
         parts.append(f"{format_rate(record['train/tok_per_sec'])} tok/s")
-    eta = eta_seconds(record, total_steps, max_wallclock_ms)
+    eta = eta_seconds(
+        record["step"], record["train_time_ms"], record.get("step_ms"), total_steps, max_wallclock_ms
+    )
     if eta is not None:
         parts.append(f"eta {format_duration(eta)}")
     return " | ".join(parts)
@@ -74,7 +88,7 @@ def format_eval_line(record: dict) -> str:
     return " | ".join(parts)
 
 
-def _is_terminal(stream: object) -> bool:
+def is_terminal(stream: object) -> bool:
     isatty = getattr(stream, "isatty", None)
     try:
         return bool(isatty and isatty())
@@ -82,25 +96,15 @@ def _is_terminal(stream: object) -> bool:
         return False
 
 
-class _TerminalFilter(logging.Filter):
-    """On handlers that write to a terminal: drop the progress copies (the bar shows them) and end the
-    bar's line before any other message, so that the message does not land after the bar."""
-
-    def __init__(self, sink: ConsoleSink) -> None:
-        super().__init__()
-        self.sink = sink
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if getattr(record, PROGRESS_ATTR, False):
-            return False
-        self.sink.end_progress_line()
-        return True
+def _drop_progress_records(record: logging.LogRecord) -> bool:
+    return not getattr(record, PROGRESS_ATTR, False)
 
 
 class ConsoleSink(Sink):
-    """Prints training and evaluation lines through `logger`; a live progress line when `stream` is a TTY.
+    """Train and evaluation lines through `logger`; a live bar when `stream` is a terminal.
 
-    `total_steps` and `max_wallclock_ms` (None or 0: no such limit) give the ETA.
+    `total_steps` and `max_wallclock_ms` (None or 0: no such limit) give the ETA; `tokens_per_step`
+    the bar's tokens/s.
     """
 
     def __init__(
@@ -109,62 +113,74 @@ class ConsoleSink(Sink):
         logger: logging.Logger,
         max_wallclock_ms: float | None = None,
         stream: TextIO | None = None,
+        tokens_per_step: int | None = None,
     ) -> None:
         self.total_steps = total_steps or None
         self.max_wallclock_ms = max_wallclock_ms or None
+        self.tokens_per_step = tokens_per_step
         self.logger = logger
-        self.stream = stream if stream is not None else sys.stderr
-        self.interactive = _is_terminal(self.stream)
-        self._progress_shown = False
-        self._filtered_handlers: list[logging.Handler] = []
-        if self.interactive:
-            self._filter = _TerminalFilter(self)
-            for handler in _terminal_handlers(logger):
-                handler.addFilter(self._filter)
-                self._filtered_handlers.append(handler)
+        stream = stream if stream is not None else sys.stderr
+        self.bar: tqdm | None = None
+        self._redirect = contextlib.ExitStack()
+        self._filtered: list[logging.Handler] = []
+        self._step_ms: float | None = None
+        self._last: tuple[int, float] | None = None  # (step, train_time_ms) of the previous update
+        self._loss: float | None = None
+        if is_terminal(stream):
+            self._start_bar(stream)
+
+    def _start_bar(self, stream: TextIO) -> None:
+        # The periodic train lines are in the bar already: console handlers drop them (train.log keeps
+        # them), and every other line is written above the bar instead of through it.
+        for handler in logging.getLogger().handlers:
+            if type(handler) is logging.StreamHandler and handler.stream in (sys.stdout, sys.stderr):
+                handler.addFilter(_drop_progress_records)
+                self._filtered.append(handler)
+        self._redirect.enter_context(logging_redirect_tqdm())
+        self.bar = tqdm(
+            total=self.total_steps,
+            file=stream,
+            unit="step",
+            dynamic_ncols=True,
+            bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]",
+        )
+
+    def progress(self, step: int, train_time_ms: float, loss: float | None) -> None:
+        if self.bar is None:
+            return
+        if self._last is not None and step > self._last[0]:
+            newest = (train_time_ms - self._last[1]) / (step - self._last[0])
+            self._step_ms = (
+                newest if self._step_ms is None else SMOOTHING * newest + (1 - SMOOTHING) * self._step_ms
+            )
+        self._last = (step, train_time_ms)
+        if loss is not None:
+            self._loss = loss
+        parts = []
+        if self._loss is not None:
+            parts.append(f"loss {self._loss:.4f}")
+        if self._step_ms is not None:
+            parts.append(f"{self._step_ms:.1f} ms/step")
+            if self.tokens_per_step:
+                parts.append(f"{format_rate(self.tokens_per_step / (self._step_ms / 1000))} tok/s")
+        eta = eta_seconds(step, train_time_ms, self._step_ms, self.total_steps, self.max_wallclock_ms)
+        if eta is not None:
+            parts.append(f"eta {format_duration(eta)}")
+        self.bar.set_postfix_str(" | ".join(parts), refresh=False)
+        self.bar.update(step - self.bar.n)
 
     def log(self, record: dict) -> None:
         if "train/loss" in record:
             line = format_train_line(record, self.total_steps, self.max_wallclock_ms)
-            if self.interactive:
-                self.logger.info(line, extra={PROGRESS_ATTR: True})
-                self._draw_progress_line(line)
-            else:
-                self.logger.info(line)
+            self.logger.info(line, extra={PROGRESS_ATTR: self.bar is not None})
         if any(key.startswith(("val/", "quant/")) for key in record):
             self.logger.info(format_eval_line(record))
 
     def finish(self, summary: dict) -> None:
-        self.end_progress_line()
-        for handler in self._filtered_handlers:
-            handler.removeFilter(self._filter)
-        self._filtered_handlers.clear()
-
-    def end_progress_line(self) -> None:
-        """Move past the progress line (it stays visible) so that the next output starts on a fresh line."""
-        if self._progress_shown:
-            self._progress_shown = False
-            self.stream.write("\n")
-            self.stream.flush()
-
-    def _draw_progress_line(self, line: str) -> None:
-        # A line longer than the terminal wraps, and `\r` would then only redraw its last row.
-        width = shutil.get_terminal_size().columns - 1
-        self.stream.write("\r" + line[:width] + "\x1b[K")
-        self.stream.flush()
-        self._progress_shown = True
-
-
-def _terminal_handlers(logger: logging.Logger) -> list[logging.Handler]:
-    """The handlers a record from `logger` reaches that write to a terminal (not files)."""
-    handlers = []
-    current: logging.Logger | None = logger
-    while current is not None:
-        for handler in current.handlers:
-            is_stream = isinstance(handler, logging.StreamHandler) and not isinstance(
-                handler, logging.FileHandler
-            )
-            if is_stream and _is_terminal(handler.stream):
-                handlers.append(handler)
-        current = current.parent if current.propagate else None
-    return handlers
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+        self._redirect.close()
+        for handler in self._filtered:
+            handler.removeFilter(_drop_progress_records)
+        self._filtered.clear()

@@ -8,6 +8,7 @@ training goes on and the local files (metrics.jsonl, summary.json) still hold ev
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -47,25 +48,27 @@ def wandb_summary(summary: dict) -> dict:
 class WandbSink(Sink):
     """Logs to a wandb run created in `run_dir/wandb/`. `mode` is wandb's: offline, online or disabled.
 
-    Each sink is its own run, also when a sweep runs several jobs one after another in one process.
-    If the run cannot be created, the sink warns once and does nothing (`active` is then False).
+    `run_info` names the run: group = the sweep folder (None for a single run), job_type = the sweep
+    preset, name = the job. Each sink is its own run, also when a sweep runs several jobs one after
+    another in one process. If the run cannot be created, the sink warns once and does nothing
+    (`active` is then False); `mode=disabled` creates none.
     """
 
     def __init__(
         self,
         *,
-        project: str,
-        entity: str | None,
-        mode: str,
         run_dir: Path,
-        group: str | None,
-        job_type: str | None,
-        name: str | None,
-        tags: list[str],
         config: dict,
+        run_info: dict,
+        project: str = "speedrun",
+        entity: str | None = None,
+        mode: str = "offline",
+        tags: Sequence[str] = (),
         notes: str | None = None,
     ) -> None:
         self.run: Any = None
+        if mode == "disabled":
+            return
         # wandb logs its own traceback when init fails; the one warning below says the same in a line.
         wandb_logger = logging.getLogger("wandb")
         previous_level = wandb_logger.level
@@ -78,9 +81,9 @@ class WandbSink(Sink):
                 mode=mode,
                 project=project,
                 entity=entity,
-                group=group,
-                job_type=job_type,
-                name=name,
+                group=run_info.get("sweep_dir_name"),
+                job_type=run_info.get("sweep_preset"),
+                name=run_info.get("job_name"),
                 tags=list(tags),
                 notes=notes,
                 config=config,
