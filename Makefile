@@ -5,17 +5,20 @@ TORCH_SPEC ?= torch==2.13.0
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# The exact versions of everything but torch (pinned by TORCH_SPEC), as CI tests them; `make lock`
+# rewrites it from the current .venv after a dependency change.
+LOCK := requirements.lock
 
-.PHONY: install train test lint bench bench-data clean
+.PHONY: install train test lint bench bench-data lock clean
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(LOCK)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	# torch first, pinned: an unpinned resolve would pull the CUDA build.
 	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet -c $(LOCK) -e '.[dev]'
 	touch $(STAMP)
 
 train: $(STAMP)
@@ -25,14 +28,17 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q $(ARGS)
 
 lint: $(STAMP)
-	$(BIN)/ruff check speedrun tests
-	$(BIN)/ruff format --check speedrun tests
+	$(BIN)/ruff check speedrun tests benchmarks hydra_plugins
+	$(BIN)/ruff format --check speedrun tests benchmarks hydra_plugins
 
 bench: $(STAMP)
-	$(BIN)/python -m speedrun.bench $(ARGS)
+	$(BIN)/python benchmarks/bench.py $(ARGS)
 
 bench-data: $(STAMP)
-	$(BIN)/python -m speedrun.bench --only data $(ARGS)
+	$(BIN)/python benchmarks/bench.py --only data $(ARGS)
+
+lock: $(STAMP)
+	$(BIN)/python -m pip freeze --exclude-editable --all | grep -v -E '^(torch|pip|setuptools|wheel)==' > $(LOCK)
 
 clean:
 	rm -rf $(VENV) outputs .cache build *.egg-info

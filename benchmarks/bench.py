@@ -9,7 +9,7 @@ Every figure is measured in one run, side by side where there is a comparison:
 - cli: `--cfg job` latency and the time from process start to the first training record;
 - gpu: tokens/s and MFU with all speed features, then with each one switched off (CUDA only).
 
-`python -m speedrun.bench [--only SECTION ...] [--out bench.json] [--check] [--tiny] [--threads N]`
+`python benchmarks/bench.py [--only SECTION ...] [--out bench.json] [--check] [--tiny] [--threads N]`
 prints a table and writes JSON; it exits 0 (it is a report) unless --check is given and a target
 fails. On a CPU it runs torch with one thread (--threads) and glibc's heap kept for reuse (see
 steady_cpu_allocator), so that a shared machine's load and allocator history do not swamp a 3 % test.
@@ -35,18 +35,21 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from hydra.utils import instantiate
+from torch import nn
 
+from speedrun.config import TrainerConfig, compose
 from speedrun.data.sources import StdlibCorpus
 from speedrun.data.stdlib_corpus import stdlib_documents
 from speedrun.data.stream import measure_loader_throughput
 from speedrun.distributed import DistContext
 from speedrun.eval import evaluate
 from speedrun.flops import mfu
-from speedrun.models.gpt import GPT
+from speedrun.models.protocol import cast_for_mixed_precision, flops_per_token, parameter_groups
 from speedrun.optim.muon_adam import MuonAdam
 from speedrun.schedules import WSD
 from speedrun.sinks import MultiSink
-from speedrun.trainer import Trainer, TrainerSettings
+from speedrun.trainer import RunPlan, Trainer
 
 SECTIONS = ("trainer", "data", "eval", "cli", "gpu")
 SPEED_FEATURES = ("compile", "bf16_autocast", "fused_adam", "flash_sdpa")
@@ -56,7 +59,7 @@ SPEED_FEATURES = ("compile", "bf16_autocast", "fused_adam", "flash_sdpa")
 class Sizes:
     """How big and how long each measurement is."""
 
-    model: dict  # GPT keyword arguments
+    model: str  # an option of conf/model: the sizes live there, not here
     seq_len: int
     batch_tokens: int  # per optimizer step, one micro-step
     steps: int  # per trainer run (the bare loop steps alongside)
@@ -72,26 +75,24 @@ class Sizes:
     cli_repeats: int
 
 
-TINY_GPT = dict(vocab_size=1024, num_layers=2, model_dim=64, num_heads=2, num_kv_heads=1, mlp_mult=2)
-PG_GPT = dict(vocab_size=1024, num_layers=9, model_dim=512, num_heads=8, num_kv_heads=4, mlp_mult=2)
 # The reference's per-rank batch: 524,288 tokens over 8 ranks, 64 sequences of 1024.
 REFERENCE_LOADER = dict(loader_seq_len=1024, loader_tokens=65536)
 
 # A CPU step of ~50 ms of CPU time: long against timer noise, short enough for hundreds of steps.
 CPU_SIZES = Sizes(
-    model=TINY_GPT, seq_len=128, batch_tokens=2048, steps=40, skip=3, min_runs=2, trainer_seconds=90,
+    model="gpt_tiny", seq_len=128, batch_tokens=2048, steps=40, skip=3, min_runs=2, trainer_seconds=90,
     val_tokens=32768, eval_batch_tokens=4096, loader_seconds=2.0, prepare_mb=100, cli_repeats=5,
     **REFERENCE_LOADER,
 )  # fmt: skip
 # parameter-golf's baseline model and per-rank batch.
 CUDA_SIZES = Sizes(
-    model=PG_GPT, seq_len=1024, batch_tokens=65536, steps=40, skip=10, min_runs=3, trainer_seconds=60,
+    model="pg_9x512", seq_len=1024, batch_tokens=65536, steps=40, skip=10, min_runs=3, trainer_seconds=60,
     val_tokens=1048576, eval_batch_tokens=65536, loader_seconds=2.0, prepare_mb=100, cli_repeats=5,
     **REFERENCE_LOADER,
 )  # fmt: skip
 # Plumbing only (tests): seconds in all, numbers meaningless.
 TINY_SIZES = Sizes(
-    model=TINY_GPT, seq_len=64, batch_tokens=256, steps=4, skip=1, min_runs=2, trainer_seconds=0,
+    model="gpt_tiny", seq_len=64, batch_tokens=256, steps=4, skip=1, min_runs=2, trainer_seconds=0,
     val_tokens=1024, eval_batch_tokens=512, loader_seq_len=64, loader_tokens=4096, loader_seconds=0.1,
     prepare_mb=2, cli_repeats=1,
 )  # fmt: skip
@@ -182,18 +183,26 @@ class InterleavedData:
         return getattr(self.data, name)
 
 
-def build_model(sizes: Sizes, device: torch.device, bf16: bool | None = None) -> GPT:
-    """The bench model with the precision recipe the trainer uses (bf16 on CUDA unless bf16=False)."""
+def build_model(sizes: Sizes, device: torch.device, bf16: bool | None = None) -> nn.Module:
+    """The bench model, composed from conf/model like a run's, with the precision recipe the trainer
+    uses (bf16 on CUDA unless bf16=False)."""
     torch.manual_seed(0)
-    model = GPT(**sizes.model).to(device)
+    model = instantiate(compose([f"model={sizes.model}"]).model).to(device)
     if device.type == "cuda" and bf16 is not False:
-        model.cast_for_cuda_training()
+        cast_for_mixed_precision(model)
     return model
+
+
+def model_shape(sizes: Sizes) -> str:
+    model = compose([f"model={sizes.model}"]).model
+    return f"{model.num_layers}x{model.model_dim} GPT ({sizes.model})"
 
 
 def bare_step(model, optimizer, schedule, loader, step: int, batch_tokens: int, autocast: bool) -> None:
     """One step as a training script without a framework takes it: batch, forward, backward, update."""
-    optimizer.prepare_step(step, schedule.lr_scale(step, 0.0))
+    scale = schedule.lr_scale(step, 0.0)
+    for group in optimizer.param_groups:
+        group["lr"] = group.setdefault("initial_lr", group["lr"]) * scale
     x, y = loader.next_batch(batch_tokens)
     with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16, enabled=autocast):
         loss = model(x, y)
@@ -229,9 +238,10 @@ def bench_trainer(sizes: Sizes, device: torch.device, workdir: Path) -> list[Res
     bare_forward = torch.compile(bare_model, dynamic=False, fullgraph=True) if cuda else bare_model
     ctx = DistContext(rank=0, local_rank=0, world_size=1, device=device)
 
-    def fresh(model: GPT) -> tuple[MuonAdam, WSD]:
+    def fresh(model: nn.Module) -> tuple[MuonAdam, WSD]:
         model.load_state_dict(initial)
-        return MuonAdam(model, compile_newtonschulz=cuda), WSD(max_steps=sizes.steps, max_wallclock_ms=None)
+        optimizer = MuonAdam(parameter_groups(model), compile_newtonschulz=cuda)
+        return optimizer, WSD(max_steps=sizes.steps, max_wallclock_ms=None)
 
     trainer_ms: list[tuple[float, float]] = []
     bare_ms: list[tuple[float, float]] = []
@@ -248,14 +258,20 @@ def bench_trainer(sizes: Sizes, device: torch.device, workdir: Path) -> list[Res
         )
         interleaved = InterleavedData(data, bare.step)
         optimizer, schedule = fresh(trainer_model)
-        settings = TrainerSettings(
-            # A new folder each time: the trainer refuses to start afresh over another run's checkpoints.
-            run_dir=Path(tempfile.mkdtemp(prefix="trainer-", dir=workdir)), seq_len=sizes.seq_len,
-            train_batch_tokens=sizes.batch_tokens, grad_accum_steps=1, micro_batch_tokens=sizes.batch_tokens,
-            max_steps=sizes.steps, max_wallclock_ms=None, val_every=0, val_batch_tokens=4 * sizes.seq_len,
-            log_every=10, keep_checkpoints=1, resume="never", export=False, compile=cuda,
+        settings = TrainerConfig(
+            train_batch_tokens=sizes.batch_tokens, max_steps=sizes.steps, val_every=0,
+            val_batch_tokens=4 * sizes.seq_len, log_every=10, keep_checkpoints=1, export=False,
         )  # fmt: skip
-        Trainer(trainer_model, optimizer, schedule, interleaved, MultiSink(), settings, ctx, config={}).fit()
+        plan = RunPlan(
+            # A new folder each time, so no run resumes or overwrites another's checkpoints.
+            run_dir=Path(tempfile.mkdtemp(prefix="trainer-", dir=workdir)), seq_len=sizes.seq_len,
+            grad_accum_steps=1, micro_batch_tokens=sizes.batch_tokens, max_steps=sizes.steps,
+            max_wallclock_ms=None, compile=cuda, autocast_dtype=torch.bfloat16 if cuda else None,
+        )  # fmt: skip
+        trainer = Trainer(
+            trainer_model, optimizer, schedule, interleaved, MultiSink(), ctx, settings, plan, {}
+        )
+        trainer.fit()
         trainer_ms += interleaved.loader.trainer_ms[sizes.skip :]
         bare_ms += interleaved.loader.bare_ms[sizes.skip :]
         # Proof that both did the same work: the same updates from the same batches (bitwise on a CPU).
@@ -283,7 +299,7 @@ def trainer_results(
     }
     main, other = ("wall", "cpu") if cuda else ("cpu", "wall")
     names = {"wall": "wall time", "cpu": "CPU time"}
-    shape = f"{sizes.model['num_layers']}x{sizes.model['model_dim']} GPT, {sizes.batch_tokens} tokens/step"
+    shape = f"{model_shape(sizes)}, {sizes.batch_tokens} tokens/step"
     steps = f"{len(trainer_ms)} + {len(bare_ms)} steps, {runs} runs interleaved step by step"
     details = {
         "trainer_step_ms": {clock: [t[i] for t in trainer_ms] for clock, i in clocks.items()},
@@ -530,10 +546,10 @@ def gpu_throughput(sizes: Sizes, device: torch.device, off: str | None) -> tuple
     bf16 = off != "bf16_autocast"
     compiled = off != "compile"
     model = build_model(sizes, device, bf16=bf16)
-    optimizer = MuonAdam(model, compile_newtonschulz=compiled)
+    optimizer = MuonAdam(parameter_groups(model), compile_newtonschulz=compiled)
     if off == "fused_adam":
         # Adam reads these per step, and its state is made at the first step: set before any.
-        for opt in optimizer.optimizers:
+        for opt in optimizer.optimizers.values():
             if isinstance(opt, torch.optim.Adam):
                 for group in opt.param_groups:
                     group["fused"], group["foreach"] = False, True
@@ -555,7 +571,7 @@ def gpu_throughput(sizes: Sizes, device: torch.device, off: str | None) -> tuple
         torch.cuda.synchronize(device)
     tokens_per_sec = sizes.steps * sizes.batch_tokens / (time.perf_counter() - start)
     name = torch.cuda.get_device_name(device)
-    return tokens_per_sec, mfu(tokens_per_sec, model.flops_per_token(sizes.seq_len), 1, name)
+    return tokens_per_sec, mfu(tokens_per_sec, flops_per_token(model, sizes.seq_len), 1, name)
 
 
 # --------------------------------------------------------------------------- report
@@ -629,7 +645,7 @@ def exit_code(results: list[Result], check: bool) -> int:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m speedrun.bench", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python benchmarks/bench.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--only", nargs="+", choices=SECTIONS, default=list(SECTIONS), help="sections to run")
     parser.add_argument(
         "--out", type=Path, default=Path("bench.json"), help="JSON report (default bench.json)"

@@ -1,4 +1,4 @@
-"""`python -m speedrun.bench`: the plumbing, at tiny sizes (the numbers themselves mean nothing here)."""
+"""`python benchmarks/bench.py` (make bench): the plumbing, at tiny sizes (the numbers themselves mean nothing here)."""
 
 from __future__ import annotations
 
@@ -10,14 +10,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from speedrun.bench import TINY_SIZES, Result, exit_code
+from benchmarks.bench import TINY_SIZES, Result, exit_code
 from tests.conftest import REPO, cli_env
 
 
 def run_bench(tmp_path: Path, *args: str) -> tuple[subprocess.CompletedProcess, dict]:
     out = tmp_path / "bench.json"
     proc = subprocess.run(
-        [sys.executable, "-m", "speedrun.bench", "--tiny", "--out", str(out), *args],
+        [sys.executable, "benchmarks/bench.py", "--tiny", "--out", str(out), *args],
         cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=240,
     )  # fmt: skip
     assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
