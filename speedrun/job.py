@@ -46,8 +46,13 @@ def resolve_max_steps(trainer_cfg, flops_per_token: float, params: int) -> int |
 
 
 def run_rank(config: dict, info: dict) -> dict | None:
-    """Train on this rank; rank 0 returns (and writes) the summary."""
+    """Train on this rank; rank 0 returns (and writes) the summary.
+
+    `info` holds `run_dir` and `overrides` (and, from the entry point, `resume` and the sweep names);
+    called directly it runs the whole job in this process, as one rank (see the README's Python section).
+    """
     run_dir = Path(info["run_dir"])
+    run_dir.mkdir(parents=True, exist_ok=True)
     rank = int(os.environ.get("RANK", "0"))
     _configure_rank_logging(run_dir, rank)
     if "PYTORCH_CUDA_ALLOC_CONF" not in os.environ:
