@@ -13,9 +13,9 @@ ints and dicts, so it loads with `torch.load(weights_only=True)`.
 
 from __future__ import annotations
 
+import ast
 import io
 import os
-import sys
 import zlib
 from collections.abc import Collection
 from pathlib import Path
@@ -32,15 +32,70 @@ CLIP_PERCENTILE = 99.99984
 CLIP_Q = CLIP_PERCENTILE / 100.0
 
 
-def code_bytes() -> int:
-    """Bytes of the framework source this run imported: the reference counts its training script
-    as the submission's code, so tools a run never loads (compare, bench, prepare) do not count."""
-    files = {
-        Path(module.__file__)
-        for name, module in list(sys.modules.items())
-        if (name == "speedrun" or name.startswith("speedrun.")) and getattr(module, "__file__", None)
+def code_bytes(config: dict | None = None) -> int:
+    """Bytes of the framework source a training job runs, one definition however it is launched.
+
+    The reference counts its one training script as the submission's code. speedrun's equivalent is
+    the entry point `speedrun/train.py` plus every speedrun module it can import (lazy imports
+    included, read from the source with `ast`, not from what a given process happened to load),
+    plus the speedrun modules the config's `_target_`s name and theirs. Tools a job never imports
+    (compare, prepare, ...) do not count. In-process, on N ranks, under torchrun or as the k-th job
+    of a sweep, the same config gives the same number.
+    """
+    package = Path(__file__).resolve().parent
+    roots = {"speedrun.train"} | {
+        t.rpartition(".")[0] for t in _targets(config or {}) if t.startswith("speedrun.")
     }
-    return sum(f.stat().st_size for f in files)
+    return sum(path.stat().st_size for path in _import_closure(package, roots))
+
+
+def _targets(node: object) -> list[str]:
+    if isinstance(node, dict):
+        found = [node["_target_"]] if isinstance(node.get("_target_"), str) else []
+        return found + [t for value in node.values() for t in _targets(value)]
+    if isinstance(node, list):
+        return [t for value in node for t in _targets(value)]
+    return []
+
+
+def _module_path(package: Path, name: str) -> Path | None:
+    parts = name.split(".")[1:]
+    if not parts:
+        return package / "__init__.py"
+    for candidate in (
+        package.joinpath(*parts[:-1], f"{parts[-1]}.py"),
+        package.joinpath(*parts, "__init__.py"),
+    ):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _import_closure(package: Path, roots: set[str]) -> set[Path]:
+    """The files of `roots` and of every speedrun module they import, transitively."""
+    seen: set[Path] = set()
+    pending = list(roots)
+    while pending:
+        name = pending.pop()
+        parts = name.split(".")
+        # Importing a.b.c runs a/__init__ and a/b/__init__ first.
+        for depth in range(1, len(parts) + 1):
+            path = _module_path(package, ".".join(parts[:depth]))
+            if path is None or path in seen:
+                continue
+            seen.add(path)
+            pending.extend(_imports_of(path))
+    return seen
+
+
+def _imports_of(path: Path) -> list[str]:
+    names = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names += [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names += [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
+    return [name for name in names if name == "speedrun" or name.startswith("speedrun.")]
 
 
 class ArtifactError(ValueError):

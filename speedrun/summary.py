@@ -18,11 +18,32 @@ SUMMARY_FIELDS = (
 )  # fmt: skip
 
 
+# Errors whose message already says everything (speedrun's own, and the file and value errors it
+# raises on purpose): their type name would only add noise to the one line.
+SELF_EXPLAINING = ("ConfigError", "DataError", "CheckpointError", "ArtifactError", "Refused", "RunFolderBusy",
+                   "ShardError", "TokenizerError")  # fmt: skip
+# Lines of OmegaConf/Hydra messages that locate a key in their own terms; the one line keeps the reason.
+_LOCATOR_PREFIXES = ("full_key:", "object_type=", "reference_type=")
+
+
+def one_line(exc: BaseException) -> str:
+    """A user's error as one line: Hydra's wrapped errors give their cause, multi-line messages are joined."""
+    cause = exc.__cause__
+    if type(exc).__name__ == "InstantiationException" and cause is not None:
+        exc = cause  # "Error in call to target ..." hides the reason; the cause is the reason
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    lines = [line for line in lines if not line.startswith(_LOCATOR_PREFIXES)]
+    return " ".join(lines).replace(".. ", ". ")
+
+
 def error_message(exc: BaseException) -> str:
-    """summary.json's `error` for an exception: its type and first line, so that tables and sweep
-    reports stay one line per job (the whole traceback is in train.log)."""
-    lines = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {lines[0] if lines else ''}".rstrip(": ")
+    """summary.json's `error` for an exception: its type and message on one line, so that tables and
+    sweep reports stay one line per job (the whole traceback is in train.log)."""
+    name = type(
+        exc.__cause__ if type(exc).__name__ == "InstantiationException" and exc.__cause__ else exc
+    ).__name__
+    text = one_line(exc)
+    return text if name in SELF_EXPLAINING else f"{name}: {text}".rstrip(": ")
 
 
 def finite_only(value: object, path: str = "", nonfinite: dict[str, str] | None = None) -> object:

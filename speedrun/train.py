@@ -1,10 +1,17 @@
 """`python -m speedrun.train [overrides]`: the Hydra entry point.
 
-This process owns the config and the run folder. It validates the config, resolves it once
-(so `${now:}` and friends cannot differ between ranks), prepares the data, launches the ranks,
-makes sure `summary.json` exists whatever happened, and returns the objective for sweepers.
-torch is imported only once a job really starts, so `--cfg job`, `--help` and config errors
-answer instantly.
+This process owns the config and the run folder. Before Hydra starts, the command line is composed
+and validated once (`precheck`): a config error is one `error:` line in a fraction of a second, and
+no folder is made. Then, for each job (one, or each of a sweep), `run_job`:
+1. takes the run folder (one live process per folder),
+2. checks everything that can be checked before training (config with the real world size, data,
+   the model's shapes, the checkpoint to resume) without writing anything: a refused attempt leaves
+   the folder as it found it, save a line in `attempts.jsonl`,
+3. writes the attempt's record (`.hydra/`, `train.log`), launches the ranks, and makes sure
+   `summary.json` exists whatever happened,
+4. prints the one command that resumes a run that stopped, and returns the objective for sweepers.
+torch is imported only once a job really starts, so `--cfg job`, `--help` and config errors answer
+instantly.
 """
 
 from __future__ import annotations
@@ -13,6 +20,7 @@ import logging
 import math
 import os
 import sys
+import time
 from datetime import datetime
 from pathlib import Path
 
@@ -20,10 +28,11 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from speedrun.config import CONF_DIR, register_configs, validate_config
+from speedrun.config import CONF_DIR, compose, register_configs, validate_config
 from speedrun.config.resolvers import register_resolvers
+from speedrun.run_folder import RunFolder, RunFolderBusy, resume_command
 from speedrun.signals import stop_as_interrupt
-from speedrun.summary import error_message, read_summary, record_early_end
+from speedrun.summary import error_message, one_line, read_summary, record_early_end
 
 log = logging.getLogger("speedrun")
 
@@ -32,11 +41,19 @@ log = logging.getLogger("speedrun")
 register_resolvers()
 
 
+class Refused(RuntimeError):
+    """An attempt refused before training: nothing of the run folder's record is touched."""
+
+
+class AlreadyCompleted(Exception):
+    """The folder holds this very run, completed: there is nothing to do (a resumed sweep skips it)."""
+
+
 def _torchrun_overrides(argv: list[str]) -> list[str]:
     """Extra Hydra overrides when an external `torchrun` started this process.
 
     Every rank runs this entry point; they must share one run folder (not one timestamped folder
-    each) and only rank 0 may write Hydra's files and logs.
+    each), and only rank 0 writes the record and logs.
     """
     from speedrun.launch import external_rank
 
@@ -48,12 +65,49 @@ def _torchrun_overrides(argv: list[str]) -> list[str]:
         run_id = os.environ.get("TORCHELASTIC_RUN_ID", "run")
         extra.append(f"hydra.run.dir=outputs/{datetime.now():%Y-%m-%d}/torchrun-{run_id}")
     if rank != 0:
-        # (Hydra's job logging is still set up from conf/config.yaml: run_job silences it.)
-        extra += ["hydra.output_subdir=null", "hydra/hydra_logging=none"]
+        extra.append("hydra/hydra_logging=none")
     return extra
 
 
-def _run_info(cfg: DictConfig) -> dict:
+def precheck(argv: list[str]) -> str | None:
+    """Compose and validate what the command line asks for, before Hydra makes any folder; the error
+    as one line, or None. A sweep is checked with the first value of each swept key (each job is
+    checked again with its own values when it runs)."""
+    from hydra._internal.utils import get_args_parser
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    args, _ = get_args_parser().parse_known_args(argv)
+    if (
+        args.help
+        or args.hydra_help
+        or args.info
+        or args.shell_completion
+        or args.config_path
+        or args.config_dir
+    ):
+        return None
+    try:
+        overrides = []
+        for override in OverridesParser.create().parse_overrides(args.overrides):
+            if not override.is_sweep_override():
+                overrides.append(override.input_line)
+                continue
+            try:  # choice and range sweeps: check their first value; an interval's is the search's
+                first = next(iter(override.sweep_string_iterator()))
+                overrides.append(f"{override.get_key_element()}={first}")
+            except Exception:  # noqa: BLE001 - a sweep that only its sweeper can enumerate
+                continue
+        cfg = compose(overrides, config_name=args.config_name or "config")
+        nproc = cfg.trainer.nproc_per_node
+        validate_config(
+            cfg, world_size=1 if nproc == "auto" else int(str(nproc)) if str(nproc).isdigit() else 1
+        )
+    except Exception as exc:  # noqa: BLE001 - any config error becomes its one line
+        return one_line(exc)
+    return None
+
+
+def run_info(cfg: DictConfig) -> dict:
     """Who this job is within a sweep: used for wandb group / job_type / name and summary.json."""
     hc = HydraConfig.get()
     multirun = hc.mode is not None and hc.mode.name == "MULTIRUN"
@@ -72,101 +126,170 @@ def _run_info(cfg: DictConfig) -> dict:
     }
 
 
-def run_job(cfg: DictConfig) -> float:
-    """Run one job (one run folder); return the final val_bpb for sweepers (+inf if it failed)."""
-    from speedrun.job import run_rank
-    from speedrun.launch import RankFailure, adopt_submitit_task, external_rank, launch, local_world_size
+def run_job(cfg: DictConfig) -> float | None:
+    """Run one job (one run folder); return the final val_bpb for sweepers (+inf if it did not complete)."""
+    from speedrun.callbacks import SWEEP
+    from speedrun.launch import adopt_submitit_task, external_rank
 
     adopt_submitit_task()
-    info = _run_info(cfg)
-    run_dir = Path(info["run_dir"])
-    external = external_rank() is not None
-    if external and external_rank() != 0:
+    info = run_info(cfg)
+    folder = RunFolder(info["run_dir"])
+    rank0 = external_rank() in (None, 0)
+    if not rank0:
         _silence_logging()
-    ended_early = False  # this job raised: whatever summary.json says, it did not complete
+    if info["multirun"] and SWEEP.stopped:
+        SWEEP.not_run.append(folder.path)  # the sweep was stopped: this job does not start
+        return math.inf
+    started = time.time()
     try:
-        world_size = local_world_size(cfg.trainer.nproc_per_node)
-        validate_config(cfg, world_size)
-        config = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
-        info["resume"] = _choose_checkpoint(config, run_dir, log_forced=not external or external_rank() == 0)
-        if not external or external_rank() == 0:
-            _prepare_data(cfg)
-        launch(run_rank, config, info, nproc=world_size, external=external)
+        with folder.lock() if rank0 else _nothing():
+            status = _attempt(cfg, info, folder, rank0, started)
+    except RunFolderBusy as exc:
+        log.error("error: %s", exc)
+        status = "refused"
+    if status == "interrupted" and info["multirun"]:
+        SWEEP.stopped = "interrupted"  # Ctrl-C or SIGTERM stops the whole sweep, not only this job
+    return _objective(folder, status, info, rank0)
+
+
+class _nothing:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _attempt(cfg: DictConfig, info: dict, folder: RunFolder, rank0: bool, started: float) -> str:
+    """Check, then (if accepted) run, one attempt; return how it ended."""
+    try:
+        config = _check_before_training(cfg, info, folder, rank0)
+    except AlreadyCompleted as done:
+        log.info("%s", done)
+        return "completed"
     except KeyboardInterrupt:
-        ended_early = True
-        if not external or external_rank() == 0:
-            record_early_end(
-                run_dir, "interrupted", "interrupted by the user", seed=cfg.seed, overrides=info["overrides"]
-            )
-    except Exception as exc:  # noqa: BLE001 - every failure must end in summary.json, then re-raise
-        ended_early = True
+        return _refuse(
+            folder, info, cfg, rank0, started, "interrupted", "interrupted before training started"
+        )
+    except Exception as exc:  # noqa: BLE001 - a refusal is one line; tracebacks of real bugs go to the log
+        log.debug("refused", exc_info=True)
+        return _refuse(folder, info, cfg, rank0, started, "failed", error_message(exc))
+    if rank0:
+        folder.write_hydra_record(cfg, _hydra_config(), info["overrides"])
+    with folder.train_log() if rank0 else _nothing():
+        status, error = _launch(cfg, config, info, folder, rank0)
+        if rank0:
+            if status in ("interrupted", "failed") and (folder.path / "checkpoints").is_dir():
+                log.warning("resume with: %s", resume_command(folder.path, info["overrides"]))
+            folder.log_attempt(started, status, error)
+    return status
+
+
+def _check_before_training(cfg: DictConfig, info: dict, folder: RunFolder, rank0: bool) -> dict:
+    """Everything that can fail before training, checked without writing anything; the resolved config."""
+    from speedrun.launch import local_world_size
+    from speedrun.preflight import check_model, choose_checkpoint, prepare_data
+
+    validate_config(cfg)  # each job of a sweep with its own values (fast: no torch yet)
+    world_size = local_world_size(cfg.trainer.nproc_per_node)
+    validate_config(cfg, world_size)
+    config = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    data = prepare_data(cfg) if rank0 else None
+    model = check_model(cfg, data)
+    info["resume"], saved_config = choose_checkpoint(config, folder, model, log_forced=rank0)
+    if saved_config == config and (read_summary(folder.path) or {}).get("status") == "completed":
+        raise AlreadyCompleted(f"{folder.path} already holds this run, completed; nothing to do")
+    if info["resume"] == "never" and folder.trained_before():
+        raise Refused(
+            f"{folder.path} holds an earlier run's results but no checkpoint to continue it from; a new run "
+            "here would mix with them: use a new folder (hydra.run.dir=...)"
+        )
+    return config
+
+
+def _refuse(folder: RunFolder, info: dict, cfg: DictConfig, rank0: bool, started: float, status: str,
+            error: str) -> str:  # fmt: skip
+    """An attempt that ended before training: its own error on the console; a folder holding an earlier
+    attempt's record keeps it (this one goes to attempts.jsonl), a new folder gets this one's record."""
+    log.error("error: %s", error)
+    if not rank0:
+        return status
+    if not folder.holds_a_record():
+        folder.write_hydra_record(cfg, _hydra_config(), info["overrides"])
+        record_early_end(folder.path, status, error, seed=cfg.seed, overrides=info["overrides"])
+    folder.log_attempt(started, status if status == "interrupted" else "refused", error)
+    return status
+
+
+def _launch(
+    cfg: DictConfig, config: dict, info: dict, folder: RunFolder, rank0: bool
+) -> tuple[str, str | None]:
+    """Run the ranks; rank 0 makes sure summary.json says how it ended. (status, error)."""
+    from speedrun.job import run_rank
+    from speedrun.launch import RankFailure, external_rank, launch, local_world_size
+
+    external = external_rank() is not None
+    try:
+        launch(run_rank, config, info, nproc=local_world_size(cfg.trainer.nproc_per_node), external=external)
+    except KeyboardInterrupt:
+        if rank0:
+            record_early_end(folder.path, "interrupted", "interrupted by the user", seed=cfg.seed,
+                             overrides=info["overrides"])  # fmt: skip
+        return "interrupted", "interrupted by the user"
+    except Exception as exc:  # noqa: BLE001 - every failure must end in summary.json
         # A failed rank's own error replaces rank 0's summary, which may only have seen its
         # collective break (or the launcher's SIGTERM) because of that rank.
         rank_failed = isinstance(exc, RankFailure)
         message = str(exc) if rank_failed else error_message(exc)
-        if not external or external_rank() == 0:  # rank 0 alone writes summary.json
-            record_early_end(
-                run_dir, "failed", message, seed=cfg.seed, overrides=info["overrides"], replace=rank_failed
-            )
+        if rank0:
+            record_early_end(folder.path, "failed", message, seed=cfg.seed, overrides=info["overrides"],
+                             replace=rank_failed)  # fmt: skip
             # Under torchrun, rank 0's summary names the rank that failed first; so does its log.
-            message = (read_summary(run_dir) or {}).get("error") or message
+            message = (read_summary(folder.path) or {}).get("error") or message
         log.error("error: %s", message)
-    if external and external_rank() != 0:
+        return "failed", message
+    summary = read_summary(folder.path) or {} if rank0 else {}
+    return summary.get("status", "completed" if not rank0 else "failed"), summary.get("error")
+
+
+def _objective(folder: RunFolder, status: str, info: dict, rank0: bool) -> float | None:
+    """What the job returns to Hydra. A single run reports failure through its exit code; in a sweep
+    the other jobs go on and the sweep-end report lists the failures."""
+    from speedrun.launch import external_rank
+
+    if external_rank() is not None and not rank0:
         # Another rank of an external torchrun: a failure must show in this process's exit code,
         # so that torchrun stops the job and names this rank; rank 0 reports the rest.
-        if ended_early and not info["multirun"]:
+        if status != "completed" and not info["multirun"]:
             sys.exit(1)
         return None
-    summary = read_summary(run_dir)
-    # A reused run folder may hold an earlier attempt's summary: it must not turn this failure into success.
-    status = summary.get("status") if summary and not ended_early else "failed"
-    if status != "completed" and not info["multirun"]:
-        # A single run reports failure through its exit code; in a sweep the other jobs go on
-        # and the sweep-end callback lists the failures.
-        sys.exit(1)
-    # Sweepers (Optuna) need a float for every job. A job that did not complete scores the worst
-    # val_bpb, +inf, which also steers a search away from its learning rates; NaN would crash the
-    # released Optuna sweeper (hydra-optuna-sweeper 1.2.0 re-tells the failed trial: hydra#2237).
-    if status != "completed" or summary.get("val_bpb") is None:
+    if status != "completed":
+        if not info["multirun"]:
+            sys.exit(130 if status == "interrupted" else 1)
+        # Sweepers (Optuna) need a float for every job: a job that did not complete scores the worst,
+        # +inf, which also steers a search away from it; NaN would crash the released Optuna sweeper
+        # (hydra-optuna-sweeper 1.2.0 re-tells the failed trial: hydra#2237).
         return math.inf
-    return summary["val_bpb"]
+    summary = read_summary(folder.path) or {}
+    value = summary.get("val_bpb") if summary.get("val_bpb") is not None else summary.get("val_loss")
+    return math.inf if value is None else value
+
+
+def _hydra_config() -> DictConfig | None:
+    return HydraConfig.get() if HydraConfig.initialized() else None
 
 
 def _silence_logging() -> None:
     """Ranks other than 0 of an external launch (torchrun, SLURM tasks) log nothing: Hydra set up its
-    console and train.log handlers in every process. Warnings and errors still reach stderr."""
+    console handler in every process. Warnings and errors still reach stderr."""
     root = logging.getLogger()
     for handler in list(root.handlers):
         root.removeHandler(handler)
         handler.close()
 
 
-def _choose_checkpoint(config: dict, run_dir: Path, log_forced: bool) -> str:
-    """The checkpoint this job continues from ("never" for a fresh start), chosen once here,
-    before any rank starts or any file is written: a corrupt checkpoint is set aside with one
-    warning, and a config that changes the run is refused in one line (or, forced, logged once)."""
-    from speedrun.checkpoint import CheckpointManager, select_checkpoint
-
-    tc = config["trainer"]
-    manager = CheckpointManager(run_dir / "checkpoints")
-    # mmap: only the config is read here; the ranks load the tensors.
-    found = select_checkpoint(
-        manager, str(tc["resume"]), config, tc["resume_force"], mmap=True, warn=log_forced
-    )
-    return str(found[1]) if found else "never"
-
-
-def _prepare_data(cfg: DictConfig) -> None:
-    """Build or verify the data once, in this process, before any rank starts."""
-    from hydra.utils import instantiate
-
-    data = instantiate(cfg.data)
-    data.prepare()
-    log.info("data: %s", data.describe())
-
-
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
-def hydra_main(cfg: DictConfig) -> float:
+def hydra_main(cfg: DictConfig) -> float | None:
     return run_job(cfg)
 
 
@@ -177,6 +300,9 @@ def main() -> None:
     os.environ.setdefault("SPEEDRUN_ORIG_CWD", os.getcwd())
     register_configs()
     sys.argv += _torchrun_overrides(sys.argv[1:])
+    if problem := precheck(sys.argv[1:]):
+        print(f"error: {problem}", file=sys.stderr)
+        sys.exit(2)
     hydra_main()
 
 

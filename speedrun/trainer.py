@@ -300,13 +300,14 @@ class Trainer:
         gc.collect()
         gc.freeze()
         try:
+            # A stop signal during the final validation or the export is honoured too (_finish).
             with self.stop.installed():
                 outcome = self._loop(train_model, eval_model, loader, val_tokens, luts)
+                return self._finish(outcome, eval_model, val_tokens, luts)
         finally:
             # Collectable again once the loop ends: a sweep runs job after job in one process, and
             # the model's DDP wrapper must be freed before its process group is destroyed (cleanup).
             gc.unfreeze()
-        return self._finish(outcome, eval_model, val_tokens, luts)
 
     def _loop(self, train_model, eval_model, loader, val_tokens, luts) -> dict:
         """Validate, step, log, agree on stopping, checkpoint; return how the loop ended."""
@@ -454,31 +455,49 @@ class Trainer:
             "peak_mem_mib": peak_memory_mib(self.device),
             "world_size": self.ctx.world_size,
         }
-        if outcome["status"] == "completed" and self.settings.export:
+        if outcome["status"] == "completed" and not math.isfinite(summary["val_loss"] or math.nan):
+            summary.update(status="diverged", error=f"the final validation loss is {summary['val_loss']}; "
+                           "lower the learning rates (optimizer.*_lr)")  # fmt: skip
+        if summary["status"] == "completed" and self.settings.export:
             summary.update(self._export(eval_model, val_tokens, luts))
+        if summary["status"] == "completed" and self._stop_requested():
+            # The end checkpoint is on disk: resuming repeats the final validation and the export.
+            summary.update(self._interrupted())
         return summary
 
+    def _stop_requested(self) -> bool:
+        """Whether a stop signal reached any rank (all ranks take part, and agree)."""
+        return dist_utils.any_rank(self.ctx, [self.stop.signal_name is not None])[0]
+
     def _export(self, eval_model, val_tokens, luts) -> dict:
-        """Write the int8+zlib artifact (rank 0), then every rank evaluates its round trip."""
+        """Write the int8+zlib artifact (rank 0), then every rank evaluates its round trip. A stop
+        signal before the round trip skips it (the caller reports the run interrupted)."""
         path = self.plan.run_dir / "final_model.int8.ptz"
+        if self._stop_requested():
+            return {}
         if self.ctx.is_main:
             save_artifact(self.model.state_dict(), path, keep_fp32=scalar_parameter_names(self.model))
         dist_utils.barrier(self.ctx)
+        if self._stop_requested():
+            return {}
         self.model.load_state_dict(load_artifact(path), strict=True)
         quant_loss, quant_bpb = self._evaluate(eval_model, val_tokens, luts)
         self._record({"quant/val_loss": quant_loss, "quant/val_bpb": quant_bpb})
         model_bytes = path.stat().st_size
-        code = code_bytes()
+        code = code_bytes(self.config)
         bpb_text = "n/a" if quant_bpb is None else f"{quant_bpb:.8f}"
         log.info("final_int8_zlib_roundtrip val_loss:%.8f val_bpb:%s", quant_loss, bpb_text)
         log.info("artifact: model %d bytes + code %d bytes = %d bytes", model_bytes, code, model_bytes + code)
-        return {
+        results = {
             "quant_val_loss": quant_loss,
             "quant_val_bpb": quant_bpb,
             "model_bytes": model_bytes,
             "code_bytes": code,
             "artifact_bytes": model_bytes + code,
         }
+        if not math.isfinite(quant_loss):
+            results.update(status="failed", error=f"the int8 round trip's validation loss is {quant_loss}")
+        return results
 
 
 def peak_memory_mib(device: torch.device) -> float:

@@ -1,4 +1,5 @@
-"""Checks that types alone cannot express: shapes that must divide, values that must be in range.
+"""Checks that types alone cannot express: keys the schema lacks, values outside their domain,
+shapes that must divide.
 
 Run before any work (and before torch is imported), each failure is one line naming the key and
 the fix.
@@ -6,7 +7,13 @@ the fix.
 
 from __future__ import annotations
 
-from omegaconf import DictConfig
+import dataclasses
+import difflib
+import math
+from collections.abc import Callable
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue
 
 # The reference splits every global batch into 8 micro-batches, spread over the ranks.
 REFERENCE_MICRO_STEPS = 8
@@ -81,50 +88,168 @@ def _require(condition: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+# --------------------------------------------------------------------------- domains
+# Every numeric key has a domain. Keys are matched by their last name, so a model or optimizer of
+# any family (ours or a user's) gets the same rules for the same kind of value; every float must be
+# finite whatever its name.
+
+Domain = tuple[Callable[[float], bool], str]
+AT_LEAST_1: Domain = (lambda v: v >= 1, "an integer >= 1")
+AT_LEAST_0: Domain = (lambda v: v >= 0, "a number >= 0")
+POSITIVE: Domain = (lambda v: v > 0, "a number > 0")
+FRACTION: Domain = (lambda v: 0 <= v <= 1, "a fraction between 0 and 1")
+MOMENTUM: Domain = (lambda v: 0 <= v < 1, "in [0, 1)")
+
+DOMAINS: dict[str, Domain] = {
+    **dict.fromkeys(("momentum", "momentum_warmup_start", "beta1", "beta2"), MOMENTUM),
+    **dict.fromkeys(("eps", "rope_base", "tied_embed_init_std"), POSITIVE),
+    **dict.fromkeys(("warmup_ratio", "warmdown_ratio", "final_lr_frac", "warmdown_fraction"), FRACTION),
+    **dict.fromkeys(
+        (
+            "num_layers",
+            "model_dim",
+            "num_heads",
+            "num_kv_heads",
+            "mlp_mult",
+            "vocab_size",
+            "depth",
+            "head_dim",
+            "backend_steps",
+            "seq_len",
+            "train_batch_tokens",
+            "val_batch_tokens",
+            "keep_checkpoints",
+        ),
+        AT_LEAST_1,
+    ),  # fmt: skip
+    **dict.fromkeys(
+        (
+            "weight_decay",
+            "grad_clip_norm",
+            "logit_softcap",
+            "val_tokens",
+            "momentum_warmup_steps",
+            "warmdown_iters",
+            "micro_batch_tokens",
+            "max_steps",
+            "max_wallclock_seconds",
+            "target_flops",
+            "target_param_data_ratio",
+            "warmup_steps",
+            "val_every",
+            "log_every",
+            "checkpoint_every",
+            "checkpoint_every_seconds",
+            "max_loss",
+        ),
+        AT_LEAST_0,
+    ),  # fmt: skip
+}
+# Learning rates, whatever the group: `lr`, `matrix_lr`, `embed_lr`, ...
+LEARNING_RATE: Domain = (lambda v: v >= 0, "a learning rate >= 0")
+CHECKED_GROUPS = ("model", "optimizer", "schedule", "data", "trainer")
+
+
+def _domain(name: str) -> Domain | None:
+    if name == "lr" or name.endswith("_lr"):
+        return LEARNING_RATE
+    return DOMAINS.get(name)
+
+
+def _check_numbers(node: object, path: str) -> None:
+    """Every number under `node`: finite, and within its key's domain."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            _check_numbers(value, f"{path}.{key}")
+        return
+    if isinstance(node, list):
+        for index, value in enumerate(node):
+            _check_numbers(value, f"{path}[{index}]")
+        return
+    if isinstance(node, bool) or not isinstance(node, (int, float)):
+        return
+    _require(math.isfinite(node), f"{path}={node} must be a finite number")
+    domain = _domain(path.rsplit(".", 1)[-1])
+    if domain is not None:
+        check, wanted = domain
+        _require(check(node), f"{path}={node} must be {wanted}")
+
+
+def _check_known_keys(node: DictConfig, path: str) -> None:
+    """Keys a typed schema does not have, added with `+key=value` (which bypasses the schema)."""
+    schema = OmegaConf.get_type(node)
+    if dataclasses.is_dataclass(schema):
+        known = [f.name for f in dataclasses.fields(schema)]
+        for key in node:
+            if key not in known:
+                close = difflib.get_close_matches(str(key), known, n=1)
+                hint = f"did you mean {path}{close[0]}?" if close else f"the keys are: {', '.join(known)}"
+                raise ConfigError(
+                    f"{path}{key} is not a setting of {path.rstrip('.') or 'the config'}; {hint}"
+                )
+    for key in node:
+        child = node._get_node(key)
+        if isinstance(child, DictConfig) and not child._is_none() and not child._is_missing():
+            _check_known_keys(child, f"{path}{key}.")
+
+
 def validate_config(cfg: DictConfig, world_size: int = 1) -> None:
-    """Refuse, with the fix named, a config whose shapes or values cannot run."""
-    model, trainer, data = cfg.model, cfg.trainer, cfg.data
-    if "num_heads" in model:
+    """Refuse, with the fix named, a config whose keys, values or shapes cannot run."""
+    _check_known_keys(cfg, "")
+    try:
+        values = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    except MissingMandatoryValue as exc:
+        key = exc.full_key or "a value"
+        raise ConfigError(f"{key} is required: set {key}=... on the command line") from None
+    for group in CHECKED_GROUPS:
+        _check_numbers(values.get(group), group)
+    _check_shapes(cfg, world_size)
+    _check_trainer(cfg.trainer, cfg.data.seq_len, world_size)
+    if cfg.logger is not None and "mode" in cfg.logger:
+        _require(
+            cfg.logger.mode in ("offline", "online", "disabled"),
+            f"logger.mode={cfg.logger.mode!r} must be offline, online or disabled",
+        )
+
+
+def _check_shapes(cfg: DictConfig, world_size: int) -> None:
+    model = cfg.model
+    if "num_heads" in model and "model_dim" in model:
         _require(
             model.model_dim % model.num_heads == 0,
             f"model.model_dim={model.model_dim} is not divisible by model.num_heads={model.num_heads}; "
             "change one so that model_dim / num_heads is an integer head size",
         )
         _require(
-            model.num_heads % model.num_kv_heads == 0,
-            f"model.num_heads={model.num_heads} is not divisible by model.num_kv_heads={model.num_kv_heads}; "
-            "grouped-query attention needs num_kv_heads to divide num_heads",
-        )
-        _require(
             (model.model_dim // model.num_heads) % 2 == 0,
             f"head size model.model_dim/model.num_heads={model.model_dim // model.num_heads} must be even "
             "for rotary embeddings; change model_dim or num_heads",
         )
-    _require(data.seq_len > 0, f"data.seq_len={data.seq_len} must be positive")
-    split_batch(trainer.train_batch_tokens, trainer.micro_batch_tokens, world_size, data.seq_len)
+    if "num_heads" in model and "num_kv_heads" in model:
+        _require(
+            model.num_heads % model.num_kv_heads == 0,
+            f"model.num_heads={model.num_heads} is not divisible by model.num_kv_heads={model.num_kv_heads}; "
+            "grouped-query attention needs num_kv_heads to divide num_heads",
+        )
+    split_batch(cfg.trainer.train_batch_tokens, cfg.trainer.micro_batch_tokens, world_size, cfg.data.seq_len)
+
+
+def _check_trainer(trainer: DictConfig, seq_len: int, world_size: int) -> None:
     _require(
-        trainer.val_batch_tokens >= data.seq_len * world_size,
+        trainer.val_batch_tokens >= seq_len * world_size,
         f"trainer.val_batch_tokens={trainer.val_batch_tokens} must hold at least one sequence per rank "
-        f"({data.seq_len} x {world_size}); raise it",
+        f"({seq_len} x {world_size}); raise it",
     )
-    for key in (
-        "max_steps",
-        "val_every",
-        "log_every",
-        "warmup_steps",
-        "checkpoint_every",
-        "keep_checkpoints",
-    ):
-        _require(trainer[key] >= 0, f"trainer.{key}={trainer[key]} must be >= 0")
-    for key in ("max_wallclock_seconds", "target_flops", "target_param_data_ratio", "max_loss"):
-        _require(trainer[key] >= 0, f"trainer.{key}={trainer[key]} must be >= 0 (0 = off)")
+    horizons = ("max_steps", "max_wallclock_seconds", "target_flops", "target_param_data_ratio")
     _require(
-        any(
-            trainer[k] > 0
-            for k in ("max_steps", "max_wallclock_seconds", "target_flops", "target_param_data_ratio")
-        ),
+        any(trainer[k] > 0 for k in horizons),
         "no training horizon: set trainer.max_steps, trainer.max_wallclock_seconds, trainer.target_flops "
         "or trainer.target_param_data_ratio",
+    )
+    _require(
+        trainer.max_steps == 0 or trainer.warmup_steps <= trainer.max_steps,
+        f"trainer.warmup_steps={trainer.warmup_steps} is longer than the horizon trainer.max_steps="
+        f"{trainer.max_steps}; warm-up steps are untimed compile warm-ups, a few are enough",
     )
     parse_nproc(trainer.nproc_per_node, cuda_devices=1)
     parse_compile(trainer.compile, on_cuda=False)
@@ -132,16 +257,11 @@ def validate_config(cfg: DictConfig, world_size: int = 1) -> None:
         trainer.device in ("auto", "cpu", "cuda"),
         f"trainer.device={trainer.device!r} must be auto, cpu or cuda",
     )
-    if cfg.logger is not None and "mode" in cfg.logger:
-        _require(
-            cfg.logger.mode in ("offline", "online", "disabled"),
-            f"logger.mode={cfg.logger.mode!r} must be offline, online or disabled",
-        )
     _require(
         trainer.precision in ("auto", "bf16", "fp32"),
         f"trainer.precision={trainer.precision!r} must be auto, bf16 or fp32",
     )
-    schedule = cfg.schedule
-    for key in ("warmup_ratio", "warmdown_ratio", "final_lr_frac", "warmdown_fraction"):
-        if key in schedule:
-            _require(0.0 <= schedule[key] <= 1.0, f"schedule.{key}={schedule[key]} must be between 0 and 1")
+    _require(
+        trainer.resume in ("auto", "never") or bool(str(trainer.resume).strip()),
+        "trainer.resume must be auto, never or the path of a checkpoint or run folder",
+    )

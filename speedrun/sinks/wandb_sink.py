@@ -73,10 +73,16 @@ class WandbSink(Sink):
         wandb_logger = logging.getLogger("wandb")
         previous_level = wandb_logger.level
         wandb_logger.setLevel(logging.CRITICAL)
+        # A resumed run continues the wandb run its folder already holds (same id; wandb files it as a
+        # new segment of that run, and `wandb sync` joins them), so the dashboard shows one run.
+        earlier = sorted((Path(run_dir) / "wandb").glob("*run-*-*"), key=lambda p: p.name.split("-", 2)[-1])
+        run_id = earlier[-1].name.rsplit("-", 1)[-1] if earlier else None
         try:
             import wandb
 
             self.run = wandb.init(
+                id=run_id,
+                resume="allow" if run_id else None,
                 dir=run_dir,
                 mode=mode,
                 project=project,
