@@ -1,9 +1,10 @@
 """comparison.png: every run's validation curve against tokens and against training time and, for a sweep
 over one or two keys, the final metric against the first key.
 
-Readability rules: every job has its own look (colour, line style, marker); the axes include the step-0
-evaluation, so that a short run does not enter from the top edge, and an inset zooms on the second half
-of training, where runs differ; the legend names each job by its differing overrides.
+Readability rules: every job has its own look (colour, line style, marker); the curve panels include the
+step-0 evaluation, so that a short run does not enter from the top edge, and when that untrained loss
+squeezes the rest of training flat, a second row zooms on the second half, where runs differ; the legend
+names each job by its differing overrides.
 """
 
 from __future__ import annotations
@@ -119,36 +120,36 @@ def draw_curves(
         )
 
 
-def zoom_on_second_half(
-    axis, xs: list[list[float]], curves: list[Curve], styles: list[Style], reach: float | None
-) -> object | None:
-    """An inset over the second half of the x-range, where the runs differ, when the full y-range (set by
-    the untrained step-0 loss) squeezes that part into under 40% of the panel's height."""
+@dataclass(frozen=True)
+class Zoom:
+    """The region a zoomed panel shows: x from `left` to `right`, y from `bottom` to `top`."""
+
+    left: float
+    right: float
+    bottom: float
+    top: float
+
+
+def second_half_zoom(xs: list[list[float]], curves: list[Curve]) -> Zoom | None:
+    """The second half of the x-range, fitted to the values there, when the full y-range (set by the
+    untrained step-0 loss) squeezes them into under 40% of the panel's height; else None."""
     right = max(max(x) for x in xs)
     left = right / 2
     inside = []
     for x, curve in zip(xs, curves, strict=True):
         inside += [value for position, value in zip(x, curve.values, strict=True) if position >= left]
-        if x[0] < left < x[-1]:  # where the line crosses the inset's left edge
-            inside.append(_interpolate(left, x, curve.values))
+        if x[0] < left < x[-1]:  # where the line enters the zoomed region
+            inside.append(interpolate(left, x, curve.values))
     everything = [value for curve in curves for value in curve.values]
-    full, zoomed = max(everything) - min(everything), (max(inside) - min(inside)) if inside else 0.0
-    if len(inside) < 2 or full == 0 or zoomed > 0.4 * full:
+    full = max(everything) - min(everything)
+    if len(inside) < 2 or full == 0 or max(inside) - min(inside) > 0.4 * full:
         return None
-    inset = axis.inset_axes([0.45, 0.45, 0.52, 0.5])  # upper right: empty when curves fall
-    draw_curves(inset, xs, curves, styles, labelled=False)
-    if reach is not None:
-        inset.axhline(reach, **REACH_LINE)
-    pad = 0.08 * zoomed or 0.01 * abs(max(inside)) or 0.01
-    inset.set_xlim(left, right + 0.02 * (right - left))
-    inset.set_ylim(min(inside) - pad, max(inside) + pad)
-    inset.tick_params(labelsize="x-small")
-    inset.grid(alpha=0.3)
-    axis.indicate_inset_zoom(inset, edgecolor="0.5")
-    return inset
+    pad = 0.08 * (max(inside) - min(inside)) or 0.01 * abs(max(inside)) or 0.01
+    return Zoom(left, right + 0.02 * (right - left), min(inside) - pad, max(inside) + pad)
 
 
-def _interpolate(x: float, xs: list[float], ys: list[float]) -> float:
+def interpolate(x: float, xs: list[float], ys: list[float]) -> float:
+    """The polyline (xs, ys) at x, for x within xs."""
     for (x0, y0), (x1, y1) in pairwise(zip(xs, ys, strict=True)):
         if x0 <= x <= x1:
             return y0 if x1 == x0 else y0 + (y1 - y0) * (x - x0) / (x1 - x0)
@@ -206,41 +207,63 @@ def comparison_figure(
     final: FinalPanel | None = None,
     reach: float | None = None,
 ):
-    """The figure: `curve_metric` against tokens and against training time (one line per curve, in its
-    style), a dotted line at `reach` if given, and the `final` panel if given. The caller saves it."""
-    panels = 3 if final else 2
+    """The figure: `curve_metric` against tokens and against training time, one line per curve in its
+    style (a second row zooms on the second half of training when needed), a dotted line at `reach` if
+    given, and the `final` panel on the right if given. The caller saves it.
+
+    Axes, in order: the curves against tokens and against time, then the zoomed ones, then `final`.
+    """
     drawn = [(curve, style) for curve, style in zip(curves, styles, strict=True) if curve.values]
-    labels = [curve.label for curve, _ in drawn]
-    width = PANEL_INCHES[0] * panels
-    # One legend below the curve panels, in as many columns as the longest label allows.
-    columns = max(1, min(len(labels), int(width / (0.075 * max(map(len, labels), default=1) + 0.7))))
-    legend_inches = (math.ceil(len(labels) / columns) * LEGEND_ROW_INCHES + 0.15) if labels else 0.0
-    height = PANEL_INCHES[1] + legend_inches
-    figure, axes = plt.subplots(1, panels, figsize=(width, height), squeeze=False)
-    axes = axes[0]
-    for axis, x_name, x_label in ((axes[0], "tokens", "tokens"), (axes[1], "seconds", "training time (s)")):
-        axis.set_xlabel(x_label)
-        axis.set_ylabel(curve_metric)
-        axis.set_title(f"{curve_metric} vs {x_label.removesuffix(' (s)')}")
-        axis.grid(alpha=0.3)
-        if not drawn:
-            axis.text(0.5, 0.5, f"no {curve_metric} records in metrics.jsonl", ha="center",
-                      transform=axis.transAxes)  # fmt: skip
-            continue
-        xs = [getattr(curve, x_name) for curve, _ in drawn]
-        kept_curves, kept_styles = [curve for curve, _ in drawn], [style for _, style in drawn]
-        draw_curves(axis, xs, kept_curves, kept_styles, labelled=x_name == "tokens")
-        if reach is not None:
-            axis.axhline(reach, **REACH_LINE)
-        inset = zoom_on_second_half(axis, xs, kept_curves, kept_styles, reach)
-        if x_name == "tokens":  # 300k, 1.2M rather than an offset such as 1e6 in the corner
-            for scale in (axis, inset) if inset else (axis,):
-                scale.xaxis.set_major_formatter(EngFormatter(sep=""))
+    kept_curves, kept_styles = [curve for curve, _ in drawn], [style for _, style in drawn]
+    xs_of = {x: [getattr(curve, x) for curve in kept_curves] for x in ("tokens", "seconds")}
+    zooms = {x: second_half_zoom(xs, kept_curves) if kept_curves else None for x, xs in xs_of.items()}
+    rows = 2 if any(zooms.values()) else 1
+    columns = 3 if final else 2
+    labels = [curve.label for curve in kept_curves]
+    width = PANEL_INCHES[0] * columns
+    # One legend below the panels, in as many columns as the longest label allows.
+    legend_columns = max(1, min(len(labels), int(width / (0.075 * max(map(len, labels), default=1) + 0.7))))
+    legend_inches = (math.ceil(len(labels) / legend_columns) * LEGEND_ROW_INCHES + 0.15) if labels else 0.0
+    height = PANEL_INCHES[1] * rows + legend_inches
+    figure = plt.figure(figsize=(width, height))
+    grid = figure.add_gridspec(rows, columns)
+    x_labels = {"tokens": "tokens", "seconds": "training time (s)"}
+    for row in range(rows):
+        for column, x in enumerate(("tokens", "seconds")):
+            axis = figure.add_subplot(grid[row, column])
+            axis.set_xlabel(x_labels[x])
+            axis.set_ylabel(curve_metric)
+            axis.grid(alpha=0.3)
+            if x == "tokens":  # 300k, 1.2M rather than an offset such as 1e6 in the corner
+                axis.xaxis.set_major_formatter(EngFormatter(sep=""))
+            title = f"{curve_metric} vs {x_labels[x].removesuffix(' (s)')}"
+            if not drawn:
+                axis.set_title(title)
+                axis.text(0.5, 0.5, f"no {curve_metric} records in metrics.jsonl", ha="center",
+                          transform=axis.transAxes)  # fmt: skip
+                continue
+            draw_curves(axis, xs_of[x], kept_curves, kept_styles, labelled=row == 0 and x == "tokens")
+            if reach is not None:
+                axis.axhline(reach, **REACH_LINE)
+            zoom = zooms[x]
+            if row == 0:
+                axis.set_title(title)
+                if zoom:  # outline the region the row below shows
+                    axis.indicate_inset((zoom.left, zoom.bottom, zoom.right - zoom.left, zoom.top - zoom.bottom),
+                                        edgecolor="0.5")  # fmt: skip
+            elif zoom:
+                axis.set_title(f"{title}: second half, zoomed")
+                axis.set_xlim(zoom.left, zoom.right)
+                axis.set_ylim(zoom.bottom, zoom.top)
+            else:  # the other x-axis needs a zoom, this one does not: leave its row empty
+                axis.remove()
     if drawn:
-        handles, names = axes[0].get_legend_handles_labels()
-        figure.legend(handles, names, loc="lower center", ncol=columns, fontsize="small", frameon=False)
+        handles, names = figure.axes[0].get_legend_handles_labels()
+        figure.legend(
+            handles, names, loc="lower center", ncol=legend_columns, fontsize="small", frameon=False
+        )
     if final:
-        draw_final_vs_swept(axes[2], final)
+        draw_final_vs_swept(figure.add_subplot(grid[:, 2]), final)
     figure.tight_layout(rect=(0, legend_inches / height, 1, 1))
     return figure
 

@@ -205,8 +205,9 @@ def test_sweep_table_csv_markdown_and_plot(lr_sweep, tmp_path):
     assert "No baseline setting" in markdown and "## Against the baseline" not in markdown
     assert markdown.splitlines()[4] in result.stdout
 
-    # Three panels (the 1-D sweep adds final bpb vs learning rate), 6 x 4.5 inches each at 110 dpi, and
-    # below them the legend: 8 labels of 22 characters fit 7 to a row, so 2 rows of 0.22 inches, plus 0.15.
+    # Three panels (the 1-D sweep adds final bpb vs learning rate), 6 x 4.5 inches each at 110 dpi, in one
+    # row (the diverged run's curve, 12.9 to 9.9, spans the second half: no zoom would help), and below
+    # them the legend: 8 labels of 22 characters fit 7 to a row, so 2 rows of 0.22 inches, plus 0.15.
     width, height = png_size(lr_sweep / "comparison.png")
     assert (width, height) == (3 * 6 * 110, int((4.5 + 2 * 0.22 + 0.15) * 110))
 
@@ -499,11 +500,14 @@ def test_twelve_job_sweep_gets_twelve_distinct_styles_and_readable_axes(tmp_path
     assert styles_of(figure.axes[1]) == styles  # the same job looks the same against training time
     labels = [text.get_text() for text in figure.legends[0].get_texts()]
     assert labels[0] == "matrix_lr=0.02, scalar_lr=0.02, embed_lr=0.03" and len(set(labels)) == 12
-    # Step 0 (the untrained 4.2+) is inside the axes; the inset zooms on the second half of training.
+    # Step 0 (the untrained 4.2+) is inside the axes; a second row zooms on the second half of training,
+    # where the values (1.2 to 2.31) would fill a third of the full range.
     low, high = curves_by_tokens.get_ylim()
     assert high > 1.2 + 11 / 100 + 3.0 and low < 1.2
-    (inset,) = curves_by_tokens.child_axes
-    assert inset.get_xlim()[0] == pytest.approx(1_638_400 / 2) and inset.get_ylim()[1] < 3.0
+    zoomed = figure.axes[2]
+    assert zoomed.get_xlim()[0] == pytest.approx(1_638_400 / 2) and zoomed.get_xlim()[1] < 1.02 * 1_638_400
+    assert 1.1 < zoomed.get_ylim()[0] < 1.2 and 2.31 < zoomed.get_ylim()[1] < 2.5
+    assert styles_of(zoomed) == styles
 
     # One swept key with 12 values: the ten colours, then the same colours dashed.
     sweep = write_seed_sweep(
@@ -522,6 +526,16 @@ def test_twelve_job_sweep_gets_twelve_distinct_styles_and_readable_axes(tmp_path
     styles = styles_of(figure_of(jobs, varying_keys(jobs), "quant_val_bpb", "val/bpb", None).axes[0])
     assert len(set(styles)) == 12
     assert len({colour for colour, _, _ in styles}) == 4 and len({style for _, style, _ in styles}) == 3
+
+
+def test_compare_stays_out_of_the_training_processes_start_up():
+    """speedrun.callbacks imports natural_key from speedrun.compare in every training process: scipy and
+    matplotlib (about a second) must not come with it."""
+    code = "import sys, speedrun.callbacks; print(sorted({'scipy', 'matplotlib'} & set(sys.modules)))"
+    result = subprocess.run(
+        [sys.executable, "-c", code], env=cli_env(), capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0 and result.stdout.strip() == "[]", result.stderr
 
 
 def test_loose_runs_are_labelled_by_their_differing_overrides(tmp_path):
