@@ -58,7 +58,7 @@ class Job:
     error: str | None
     curve: list[dict] = field(default_factory=list)  # metrics.jsonl records that hold the curve's metric
 
-    def field(self, path: str) -> object:
+    def lookup(self, path: str) -> object:
         """A summary value by dotted path (`provenance.git_commit`); None when absent."""
         value: object = self.summary
         for part in path.split("."):
@@ -68,7 +68,7 @@ class Job:
     def number(self, path: str) -> float | None:
         """A finite numeric summary value, else None (absent, null, NaN in files written before
         summary.json became strict JSON)."""
-        return finite(self.field(path))
+        return finite(self.lookup(path))
 
 
 def finite(value: object) -> float | None:
@@ -445,7 +445,7 @@ class Table:
             return round(reached.seconds, 3) if column.startswith("time_to_") else round(reached.tokens)
         if column in self.keys:
             return job.overrides.get(column)
-        return job.field(column)
+        return job.lookup(column)
 
 
 def write_csv(path: Path, table: Table, jobs: list[Job]) -> None:
@@ -712,35 +712,47 @@ def build_parser() -> argparse.ArgumentParser:
         "--target", type=finite_float, help="test whether each setting's mean metric is below this"
     )
     parser.add_argument(
-        "--margin", type=finite_float, default=0.0,
+        "--margin",
+        type=finite_float,
+        default=0.0,
         help="test against target - margin (parameter-golf: SOTA - 0.005); default 0",
-    )  # fmt: skip
+    )
     parser.add_argument("--alpha", type=fraction, default=0.01, help="significance level of the tests (0.01)")
     parser.add_argument(
-        "--baseline", action="append", default=[], metavar="PATH|KEY=VALUE",
+        "--baseline",
+        action="append",
+        default=[],
+        metavar="PATH|KEY=VALUE",
         help="the baseline setting: a run or sweep folder, or KEY=VALUE (repeatable) picking one setting; "
         "default: the setting whose swept keys are all at their defaults",
-    )  # fmt: skip
+    )
     parser.add_argument(
-        "--alternative", choices=["two-sided", "less", "greater"], default="two-sided",
+        "--alternative",
+        choices=["two-sided", "less", "greater"],
+        default="two-sided",
         help="what the tests against the baseline ask: Δ ≠ 0 (default), Δ < 0 (lower than the baseline), Δ > 0",
-    )  # fmt: skip
+    )
     parser.add_argument(
-        "--effect", type=positive_float,
+        "--effect",
+        type=positive_float,
         help="the difference to plan for in 'seeds needed' (default: the observed one)",
-    )  # fmt: skip
+    )
     parser.add_argument(
         "--power", type=fraction, default=0.8, help="the power 'seeds needed' plans for (0.8)"
     )
     parser.add_argument(
-        "--reach", type=finite_float, metavar="VALUE",
+        "--reach",
+        type=finite_float,
+        metavar="VALUE",
         help="report the training time and tokens at which each run's metric first reached VALUE",
-    )  # fmt: skip
+    )
     parser.add_argument(
-        "--columns", type=lambda text: [c for c in text.split(",") if c], default=[],
+        "--columns",
+        type=lambda text: [c for c in text.split(",") if c],
+        default=[],
         help="more summary fields as columns, comma-separated; dotted paths reach into blocks "
         "(provenance.git_commit,params)",
-    )  # fmt: skip
+    )
     return parser
 
 
@@ -753,8 +765,10 @@ def split_baseline(values: list[str]) -> tuple[list[Path], list[str]]:
         elif "=" in value and not value.startswith("="):
             selectors.append(value)
         else:
-            raise UsageError(f"--baseline {value}: neither a folder nor KEY=VALUE; give a run or sweep folder, "
-                             "or a swept key and the value of the baseline setting")  # fmt: skip
+            raise UsageError(
+                f"--baseline {value}: neither a folder nor KEY=VALUE; give a run or sweep folder, "
+                "or a swept key and the value of the baseline setting"
+            )
     if paths and selectors:
         raise UsageError("--baseline: give folders or KEY=VALUE pairs, not both")
     return paths, selectors
@@ -787,15 +801,19 @@ def compare(args: argparse.Namespace) -> int:
             "use a summary field such as val_bpb, quant_val_bpb, val_loss or quant_val_loss"
         )
     for column in args.columns:
-        if all(job.field(column) is None for job in jobs):
-            raise UsageError(f"--columns {column}: no summary.json has that field; use a summary field "
-                             "(dotted for nested blocks: provenance.git_commit)")  # fmt: skip
+        if all(job.lookup(column) is None for job in jobs):
+            raise UsageError(
+                f"--columns {column}: no summary.json has that field; use a summary field "
+                "(dotted for nested blocks: provenance.git_commit)"
+            )
     key = curve_key(metric)
     read_curves(jobs, key)
     if not any(finite(record.get(key)) is not None for job in jobs for record in job.curve):
         if args.reach is not None:
-            raise UsageError(f"--reach needs the curve of {metric} ({key} in metrics.jsonl), and no run has it; "
-                             "choose a --metric that is evaluated during training, e.g. val_loss or val_bpb")  # fmt: skip
+            raise UsageError(
+                f"--reach needs the curve of {metric} ({key} in metrics.jsonl), and no run has it; "
+                "choose a --metric that is evaluated during training, e.g. val_loss or val_bpb"
+            )
         key = "val/bpb"  # e.g. --metric tok_per_sec: show the validation curves
 
     keys = varying_keys(jobs)

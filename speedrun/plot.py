@@ -239,8 +239,13 @@ def comparison_figure(
             title = f"{curve_metric} vs {x_labels[x].removesuffix(' (s)')}"
             if not drawn:
                 axis.set_title(title)
-                axis.text(0.5, 0.5, f"no {curve_metric} records in metrics.jsonl", ha="center",
-                          transform=axis.transAxes)  # fmt: skip
+                axis.text(
+                    0.5,
+                    0.5,
+                    f"no {curve_metric} records in metrics.jsonl",
+                    ha="center",
+                    transform=axis.transAxes,
+                )
                 continue
             draw_curves(axis, xs_of[x], kept_curves, kept_styles, labelled=row == 0 and x == "tokens")
             if reach is not None:
@@ -249,8 +254,10 @@ def comparison_figure(
             if row == 0:
                 axis.set_title(title)
                 if zoom:  # outline the region the row below shows
-                    axis.indicate_inset((zoom.left, zoom.bottom, zoom.right - zoom.left, zoom.top - zoom.bottom),
-                                        edgecolor="0.5")  # fmt: skip
+                    axis.indicate_inset(
+                        (zoom.left, zoom.bottom, zoom.right - zoom.left, zoom.top - zoom.bottom),
+                        edgecolor="0.5",
+                    )
             elif zoom:
                 axis.set_title(f"{title}: second half, zoomed")
                 axis.set_xlim(zoom.left, zoom.right)
