@@ -60,15 +60,19 @@ class Job:
 
     def lookup(self, path: str) -> object:
         """A summary value by dotted path (`provenance.git_commit`); None when absent."""
-        value: object = self.summary
-        for part in path.split("."):
-            value = value.get(part) if isinstance(value, dict) else None
-        return value
+        return dig(self.summary, *path.split("."))
 
     def number(self, path: str) -> float | None:
         """A finite numeric summary value, else None (absent, null, NaN in files written before
         summary.json became strict JSON)."""
         return finite(self.lookup(path))
+
+
+def dig(value: object, *keys: str) -> object:
+    """value[keys[0]][keys[1]]...; None where a key is missing or a level is not a mapping."""
+    for key in keys:
+        value = value.get(key) if isinstance(value, dict) else None
+    return value
 
 
 def finite(value: object) -> float | None:
@@ -317,17 +321,17 @@ def settings_of(jobs: list[Job], keys: list[str], metric: str) -> list[Setting]:
 def at_default(job: Job, key: str) -> bool:
     """Whether the job ran with the key's default: not overridden, or overridden with the value its sweep
     has without the swept values (multirun.yaml holds that config; group choices such as `model` are
-    under hydra.runtime.choices)."""
+    under hydra.runtime.choices), unless that value came from the sweep's own command line."""
     value = job.overrides.get(key)
     if value is None:
         return True
-    choices = job.defaults.get("hydra", {}).get("runtime", {}).get("choices", {})
-    if isinstance(choices, dict) and key in choices:
-        default = choices[key]
-    else:
-        default = job.defaults
-        for part in key.split("."):
-            default = default.get(part) if isinstance(default, dict) else None
+    command_line = dig(job.defaults, "hydra", "overrides", "task")
+    if isinstance(command_line, list) and swept_overrides(command_line).get(key) == value:
+        return False  # set for the whole sweep on its command line: multirun.yaml holds it, not the default
+    choices = dig(job.defaults, "hydra", "runtime", "choices")
+    default = (
+        choices[key] if isinstance(choices, dict) and key in choices else dig(job.defaults, *key.split("."))
+    )
     if default is None or isinstance(default, (dict, list)):
         return False  # unknown: not in the sweep's config, or not a single value
     try:

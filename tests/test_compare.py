@@ -599,3 +599,13 @@ def test_two_real_seed_sweeps_compare_against_each_other(tmp_path, corpus):
     ]
     assert reach["reached"] == "2/2" and reach["tokens"] == "0 ± 0"
     assert png_size(sweeps["cand"] / "comparison.png")[0] == 3 * 6 * 110  # with final bpb vs matrix_lr
+
+    # Without --baseline: the real multirun.yaml says 0.08 is not the default matrix LR, so the baseline
+    # sweep (which did not set it) is the baseline.
+    result = run_compare(
+        sweeps["base"], sweeps["cand"], "--metric", "val_bpb", "--out", tmp_path / "auto", cwd=tmp_path
+    )
+    assert result.returncode == 0, result.stderr
+    assert "Baseline: base: optimizer.matrix_lr=default (n=2" in result.stdout
+    (auto,) = section_rows(result.stdout, "## Against the baseline")
+    assert auto["setting"] == "cand: optimizer.matrix_lr=0.08" and auto["p"] == row["p"]
