@@ -1,4 +1,4 @@
-"""The tests records are judged by, on a metric where lower is better (loss, bits per byte).
+"""The tests that records are judged by, on a metric where lower is better (loss, bits per byte).
 
 - `one_sample_below`: is the mean below a threshold? parameter-golf's record rule (beat SOTA - 0.005 at
   p < 0.01) and modded-nanogpt's (mean val loss <= 3.28 at p < 0.01) are both this one-sided test.
