@@ -1,9 +1,15 @@
-"""Compare runs side by side: `python -m speedrun.compare PATH... [--out DIR] [--target T]`.
+"""Compare runs side by side: `python -m speedrun.compare PATH... [--target T] [--baseline B] [--reach R]`.
 
-PATH is a run folder (it holds summary.json, metrics.jsonl, .hydra/) or a sweep folder whose subfolders
-are run folders. The result is one row per job with the overrides that differ between jobs, printed and
-written as comparison.md and comparison.csv, plus curves in comparison.png. Jobs that differ only in
-`seed` form groups (mean, sample std, n) and, given `--target`, a one-sided t-test of "mean < target".
+PATH is a run folder (it holds summary.json, metrics.jsonl, .hydra/) or a sweep folder whose subfolders are
+run folders. The result is one row per job with the overrides that differ between jobs, printed and
+written as comparison.md and comparison.csv, plus curves in comparison.png. Runs that differ only in
+`seed` form a setting (mean, standard deviation, n); with `--target` each setting is tested against it
+as records are judged, with `--baseline` (or a sweep whose swept keys are at their defaults in one
+setting) every setting is compared with the baseline's, and `--reach` gives the training time and
+tokens at which each run first reached a value of the metric.
+
+scipy and matplotlib, about a second to import, are imported only where the statistics and the figure
+are made, so `--help` and bad input answer at once.
 """
 
 from __future__ import annotations
@@ -12,20 +18,30 @@ import argparse
 import csv
 import json
 import math
-import re
+import statistics
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
+from speedrun.callbacks import natural_key
 from speedrun.cli import Parser
-from speedrun.stats import TTest, mean_and_std, t_test_mean_below
 
 # Summary fields shown for every job, in this order, after the swept overrides.
 SUMMARY_COLUMNS = ["status", "val_bpb", "quant_val_bpb", "artifact_bytes", "steps", "step_avg_ms"]
+# Provenance fields that must agree for runs to be comparable (the host and the command line may differ).
+PROVENANCE_MUST_MATCH = (
+    "git_commit", "git_dirty", "git_diff_sha256", "speedrun_version", "python", "torch", "cuda", "nccl",
+    "gpu_name", "gpu_count", "data_manifest_sha256", "data_shards", "tokenizer_sha256",
+)  # fmt: skip
 COMPLETED = "completed"
 MISSING = "missing"
+BASELINE = "baseline"
+
+
+def warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr)
 
 
 @dataclass
@@ -34,18 +50,35 @@ class Job:
 
     name: str
     path: Path
+    source: str  # the sweep folder it was found in, "" for a run folder given itself, or BASELINE
     summary: dict
     overrides: dict[str, str]  # the swept values: override key -> value as written on the command line
+    defaults: dict  # its sweep's config without the swept values (multirun.yaml), {} for a single run
     status: str
     error: str | None
-    val_curve: list[dict] = field(default_factory=list)  # metrics.jsonl records that hold val/bpb
+    curve: list[dict] = field(default_factory=list)  # metrics.jsonl records that hold the curve's metric
 
-    def number(self, key: str) -> float | None:
-        """A finite numeric summary value, else None (absent, null, NaN after divergence)."""
-        value = self.summary.get(key)
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
-            return float(value)
-        return None
+    def lookup(self, path: str) -> object:
+        """A summary value by dotted path (`provenance.git_commit`); None when absent."""
+        return dig(self.summary, *path.split("."))
+
+    def number(self, path: str) -> float | None:
+        """A finite numeric summary value, else None (absent, null, NaN in files written before
+        summary.json became strict JSON)."""
+        return finite(self.lookup(path))
+
+
+def dig(value: object, *keys: str) -> object:
+    """value[keys[0]][keys[1]]...; None where a key is missing or a level is not a mapping."""
+    for key in keys:
+        value = value.get(key) if isinstance(value, dict) else None
+    return value
+
+
+def finite(value: object) -> float | None:
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        return float(value)
+    return None
 
 
 def is_run_folder(path: Path) -> bool:
@@ -54,23 +87,14 @@ def is_run_folder(path: Path) -> bool:
     )
 
 
-def natural_key(text: str) -> list:
-    """Sort "2_lr=…" before "10_lr=…", as Hydra numbers its jobs."""
-    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text)]
-
-
-def find_run_folders(paths: list[Path]) -> list[Path]:
-    """Each path if it is a run folder, else its subfolders that are (one level down)."""
-    found = []
-    for path in paths:
-        if is_run_folder(path):
-            found.append(path)
-        else:
-            subfolders = [sub for sub in path.iterdir() if sub.is_dir() and not sub.name.startswith(".")]
-            found.extend(
-                sorted((sub for sub in subfolders if is_run_folder(sub)), key=lambda p: natural_key(p.name))
-            )
-    return found
+def find_run_folders(path: Path) -> list[tuple[Path, Path | None]]:
+    """(run folder, the sweep folder it is in or None): the path itself if it is a run folder, else its
+    subfolders that are (one level down)."""
+    if is_run_folder(path):
+        return [(path, None)]
+    subfolders = [sub for sub in path.iterdir() if sub.is_dir() and not sub.name.startswith(".")]
+    runs = sorted((sub for sub in subfolders if is_run_folder(sub)), key=lambda p: natural_key(p.name))
+    return [(run, path) for run in runs]
 
 
 def swept_overrides(lines: list[str]) -> dict[str, str]:
@@ -86,53 +110,102 @@ def swept_overrides(lines: list[str]) -> dict[str, str]:
     return values
 
 
-def read_val_curve(path: Path) -> list[dict]:
-    """The val/bpb records of metrics.jsonl; a line cut short by a crash is skipped."""
-    if not path.is_file():
-        return []
+def read_text(path: Path) -> str | None:
+    """A file's text, or None with one warning naming it when it cannot be read as UTF-8."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = "not UTF-8 text" if isinstance(exc, UnicodeDecodeError) else exc.strerror or str(exc)
+        warn(f"{path}: {reason}; left out of the comparison")
+        return None
+
+
+def read_yaml(path: Path) -> object:
+    text = read_text(path) if path.is_file() else None
+    if text is None:
+        return None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        warn(f"{path}: not valid YAML ({str(exc).splitlines()[0]}); left out of the comparison")
+        return None
+
+
+def read_curve(path: Path, keys: tuple[str, ...]) -> list[dict]:
+    """The records of metrics.jsonl that hold a number under one of `keys`. A line cut short by a crash
+    is skipped; NaN and Infinity (written by versions before strict JSON) parse and are dropped later."""
+    text = read_text(path) if path.is_file() else None
     records = []
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for line in (text or "").splitlines():
         try:
             record = json.loads(line)
         except json.JSONDecodeError:
             continue
-        if isinstance(record, dict) and isinstance(record.get("val/bpb"), (int, float)):
+        if isinstance(record, dict) and any(finite(record.get(key)) is not None for key in keys):
             records.append(record)
     return records
 
 
-def load_job(path: Path) -> Job:
+def read_curves(jobs: list[Job], key: str) -> None:
+    """Each job's evaluations of `key`, and of val/bpb (the curve shown when no run traces `key`)."""
+    for job in jobs:
+        job.curve = read_curve(job.path / "metrics.jsonl", (key, "val/bpb"))
+
+
+def load_job(path: Path, source: str, defaults: dict) -> Job:
     summary_path = path / "summary.json"
-    summary: dict = {}
+    summary: object = {}
     error = None
-    if summary_path.is_file():
+    if not summary_path.is_file():
+        error = "no summary.json: the job died before writing it (see its train.log)"
+    elif (text := read_text(summary_path)) is None:
+        error = "summary.json unreadable (see the warning above)"
+    else:
         try:
-            summary = json.loads(summary_path.read_text(encoding="utf-8"))
+            summary = json.loads(text)  # Python's json also reads the NaN of files older than strict JSON
         except json.JSONDecodeError as exc:
             error = f"summary.json unreadable: {exc}"
-        if not isinstance(summary, dict):
-            summary, error = {}, "summary.json is not a JSON object"
-    else:
-        error = "no summary.json: the job died before writing it (see its train.log)"
-    overrides_path = path / ".hydra" / "overrides.yaml"
-    if overrides_path.is_file():
-        lines = yaml.safe_load(overrides_path.read_text(encoding="utf-8"))
-    else:
+    if not isinstance(summary, dict):
+        summary, error = {}, "summary.json is not a JSON object"
+    lines = read_yaml(path / ".hydra" / "overrides.yaml")
+    if lines is None:
         lines = summary.get("overrides")
     overrides = swept_overrides(lines if isinstance(lines, list) else [])
     # Seeds count as a swept value even when the seed came from the config rather than the command line.
     if "seed" not in overrides and summary.get("seed") is not None:
         overrides["seed"] = str(summary["seed"])
-    status = summary.get("status", MISSING) if not error else MISSING
     return Job(
         name=path.name,
         path=path,
+        source=source,
         summary=summary,
         overrides=overrides,
-        status=status,
+        defaults=defaults,
+        status=str(summary.get("status", MISSING)) if not error else MISSING,
         error=error or summary.get("error"),
-        val_curve=read_val_curve(path / "metrics.jsonl"),
     )
+
+
+def load_jobs(paths: list[Path], baseline_paths: list[Path]) -> list[Job]:
+    """Every run folder under `paths` and `baseline_paths`, once; the latter's runs are the baseline."""
+    found = {}  # run folder -> (its sweep folder or None, whether it is a baseline run)
+    for is_baseline, roots in ((True, baseline_paths), (False, paths)):
+        for root in roots:
+            for folder, sweep in find_run_folders(root):
+                found.setdefault(folder.resolve(), (folder, sweep, is_baseline))
+    jobs = []
+    sweep_defaults: dict[Path, dict] = {}
+    for folder, sweep, is_baseline in found.values():
+        if sweep is not None and sweep not in sweep_defaults:
+            config = read_yaml(sweep / "multirun.yaml")
+            sweep_defaults[sweep] = config if isinstance(config, dict) else {}
+        source = BASELINE if is_baseline else (sweep.name if sweep else "")
+        jobs.append(load_job(folder, source, sweep_defaults.get(sweep, {})))
+    names = [job.name for job in jobs]
+    for job in jobs:  # the same job name from two sweeps: tell them apart by their sweep folder
+        if names.count(job.name) > 1:
+            job.name = f"{job.path.parent.name}/{job.name}"
+    return jobs
 
 
 def varying_keys(jobs: list[Job]) -> list[str]:
@@ -150,6 +223,12 @@ def choose_metric(jobs: list[Job], requested: str | None) -> str:
     return "quant_val_bpb" if any(job.number("quant_val_bpb") is not None for job in jobs) else "val_bpb"
 
 
+def curve_key(metric: str) -> str:
+    """The metrics.jsonl key that traces `metric` during training: val_loss -> val/loss. The quantised
+    metrics are measured once, at the end, so their curve is the unquantised metric's."""
+    return metric.removeprefix("quant_").replace("_", "/", 1)
+
+
 def sort_jobs(jobs: list[Job], metric: str) -> list[Job]:
     """Completed jobs first, best (lowest) metric first; then the failed, diverged and missing ones."""
 
@@ -164,32 +243,129 @@ def sort_jobs(jobs: list[Job], metric: str) -> list[Job]:
     return sorted(jobs, key=key)
 
 
+@dataclass(frozen=True)
+class Reached:
+    """Where a curve first reached a target, interpolated between the two evaluations around it."""
+
+    seconds: float
+    tokens: float
+
+
+def first_reach(curve: list[dict], key: str, target: float) -> Reached | None:
+    """The first point where the curve of `key` is at or below `target`, or None if it never is.
+
+    Evaluations are points; between two of them the metric is taken to change linearly in training time
+    and in tokens, so the crossing lies the same fraction of the way in both.
+    """
+    previous = None
+    for record in curve:
+        value = finite(record.get(key))
+        if value is None:
+            continue
+        seconds, tokens = record.get("train_time_ms", 0) / 1000, float(record.get("tokens", 0))
+        if value <= target:
+            if previous is None:
+                return Reached(seconds, tokens)
+            value0, seconds0, tokens0 = previous
+            fraction = (value0 - target) / (value0 - value)
+            return Reached(
+                seconds0 + fraction * (seconds - seconds0), tokens0 + fraction * (tokens - tokens0)
+            )
+        previous = (value, seconds, tokens)
+    return None
+
+
 @dataclass
-class SeedGroup:
-    label: str  # the shared values, e.g. "optimizer.matrix_lr=0.02"
-    values: list[float]
-    mean: float
-    std: float | None
-    t_test: TTest | None = None  # when a target was given and n >= 2
+class Setting:
+    """The completed runs that share every swept value but the seed (and, when runs come from several
+    sweep folders, the folder), with their final metric."""
+
+    label: str
+    values: dict[str, str | None]  # key -> value for the swept keys other than seed
+    source: str
+    jobs: list[Job]
+    metric_values: list[float]
+
+    @property
+    def seeds(self) -> list[str | None]:
+        return [job.overrides.get("seed") for job in self.jobs]
 
 
-def seed_groups(jobs: list[Job], keys: list[str], metric: str, target: float | None) -> list[SeedGroup]:
-    """Completed jobs that differ only in `seed`, grouped, with the statistics of their final metric."""
+def settings_of(jobs: list[Job], keys: list[str], metric: str) -> list[Setting]:
+    """Completed jobs with a final metric, grouped into settings; best mean first."""
     shared_keys = [key for key in keys if key != "seed"]
-    grouped: dict[tuple, list[float]] = {}
+    several_sources = len({job.source for job in jobs}) > 1
+    grouped: dict[tuple, Setting] = {}
     for job in jobs:
         value = job.number(metric)
-        if job.status == COMPLETED and value is not None:
-            grouped.setdefault(tuple(job.overrides.get(key) for key in shared_keys), []).append(value)
-    groups = []
-    for shared, values in grouped.items():
-        label = (
-            ", ".join(f"{key}={value}" for key, value in zip(shared_keys, shared, strict=True)) or "all runs"
-        )
-        mean, std = mean_and_std(values)
-        t_test = t_test_mean_below(values, target) if target is not None and len(values) >= 2 else None
-        groups.append(SeedGroup(label, values, mean, std, t_test))
-    return sorted(groups, key=lambda group: group.mean)
+        if job.status != COMPLETED or value is None:
+            continue
+        values = {key: job.overrides.get(key) for key in shared_keys}
+        source = job.source if several_sources else ""
+        if (source, *values.values()) not in grouped:
+            label = ", ".join(
+                f"{key}={'default' if value is None else value}" for key, value in values.items()
+            )
+            label = ": ".join(part for part in (source or None, label or None) if part) or "all runs"
+            grouped[(source, *values.values())] = Setting(label, values, source, [], [])
+        grouped[(source, *values.values())].jobs.append(job)
+        grouped[(source, *values.values())].metric_values.append(value)
+    return sorted(grouped.values(), key=lambda setting: statistics.fmean(setting.metric_values))
+
+
+def at_default(job: Job, key: str) -> bool:
+    """Whether the job ran with the key's default: not overridden, or overridden with the value its sweep
+    has without the swept values (multirun.yaml holds that config; group choices such as `model` are
+    under hydra.runtime.choices), unless that value came from the sweep's own command line."""
+    value = job.overrides.get(key)
+    if value is None:
+        return True
+    command_line = dig(job.defaults, "hydra", "overrides", "task")
+    if isinstance(command_line, list) and swept_overrides(command_line).get(key) == value:
+        return False  # set for the whole sweep on its command line: multirun.yaml holds it, not the default
+    choices = dig(job.defaults, "hydra", "runtime", "choices")
+    default = (
+        choices[key] if isinstance(choices, dict) and key in choices else dig(job.defaults, *key.split("."))
+    )
+    if default is None or isinstance(default, (dict, list)):
+        return False  # unknown: not in the sweep's config, or not a single value
+    try:
+        return yaml.safe_load(value) == default or value == str(default)
+    except yaml.YAMLError:
+        return value == str(default)
+
+
+class UsageError(Exception):
+    """A problem with the command line, reported as one `error:` line."""
+
+
+def choose_baseline(settings: list[Setting], by_path: bool, selectors: list[str]) -> Setting | None:
+    """The baseline setting: the runs under --baseline PATH (`by_path`), the one setting matching every
+    --baseline KEY=VALUE, or else the one setting whose swept keys are all at their defaults (None if
+    there is not exactly one)."""
+    if by_path:
+        matches = [setting for setting in settings if setting.source == BASELINE]
+        if not matches:
+            raise UsageError("--baseline: no run in the baseline folder completed with a final metric")
+        if len(matches) > 1:
+            raise UsageError(
+                f"--baseline: the runs in the baseline folder form {len(matches)} settings "
+                f"({'; '.join(s.label for s in matches)}); give a folder whose runs differ only in seed"
+            )
+        return matches[0]
+    if selectors:
+        pairs = [selector.split("=", 1) for selector in selectors]
+        matches = [s for s in settings if all(s.values.get(key) == value for key, value in pairs)]
+        if len(matches) != 1:
+            known = "; ".join(setting.label for setting in settings) or "none"
+            found = "no setting" if not matches else f"{len(matches)} settings"
+            raise UsageError(
+                f"--baseline {' '.join(selectors)}: {found} of the completed runs match; "
+                f"give KEY=VALUE pairs that pick one of: {known}"
+            )
+        return matches[0]
+    matches = [s for s in settings if all(at_default(job, key) for job in s.jobs for key in s.values)]
+    return matches[0] if len(matches) == 1 and len(settings) > 1 else None
 
 
 def format_cell(column: str, value: object) -> str:
@@ -198,11 +374,13 @@ def format_cell(column: str, value: object) -> str:
         return ""
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)
-    if column == "artifact_bytes" and isinstance(value, (int, float)):
+    if isinstance(value, (dict, list)):
+        value = json.dumps(value, separators=(",", ":"))
+    elif column.endswith("_bytes") and isinstance(value, (int, float)) and not isinstance(value, bool):
         return f"{int(value):,}"
-    if column == "step_avg_ms" and isinstance(value, (int, float)):
+    elif column.endswith("_ms") and isinstance(value, (int, float)) and not isinstance(value, bool):
         return f"{value:.2f}"
-    if isinstance(value, float):
+    elif isinstance(value, float):
         return f"{value:.4f}"
     text = str(value).replace("\n", " ").replace("|", "\\|")
     return text if len(text) <= 120 else text[:117] + "..."
@@ -219,52 +397,242 @@ def markdown_table(headers: list[str], rows: list[list[str]]) -> str:
     return "\n".join([line(headers), rule, *(line(row) for row in rows)])
 
 
-def job_columns(keys: list[str], jobs: list[Job]) -> list[str]:
-    columns = ["job", *keys, *SUMMARY_COLUMNS]
-    return columns + ["error"] if any(job.error for job in jobs) else columns
+def rules_verdict(job: Job) -> str | None:
+    """`pass`, or `fail: <failed checks>`, from the summary's rules block; None without one."""
+    rules = job.summary.get("rules")
+    if not isinstance(rules, dict):
+        return None
+    if rules.get("pass"):
+        return "pass"
+    checks = rules.get("checks") if isinstance(rules.get("checks"), list) else []
+    failed = [str(c.get("name")) for c in checks if isinstance(c, dict) and not c.get("pass")]
+    return "fail: " + ", ".join(failed) if failed else "fail"
 
 
-def job_value(job: Job, column: str) -> object:
-    if column == "job":
-        return job.name
-    if column == "status":
-        return job.status
-    if column == "error":
-        return job.error
-    if column in SUMMARY_COLUMNS:
-        return job.summary.get(column)
-    return job.overrides.get(column)
+@dataclass
+class Table:
+    """The per-job table: which columns, and how to get each cell."""
+
+    keys: list[str]
+    extra: list[str]  # summary fields asked for with --columns
+    rules: bool
+    reach: float | None
+    reach_key: str
+    errors: bool
+
+    @property
+    def columns(self) -> list[str]:
+        columns = ["job", *self.keys, "status", *(["rules"] if self.rules else []), *SUMMARY_COLUMNS[1:]]
+        columns += [column for column in self.extra if column not in columns]
+        if self.reach is not None:
+            columns += [f"time_to_{self.reach}_s", f"tokens_to_{self.reach}"]
+        return columns + ["error"] if self.errors else columns
+
+    def value(self, job: Job, column: str) -> object:
+        if column == "job":
+            return job.name
+        if column == "status":
+            return job.status
+        if column == "error":
+            return job.error
+        if column == "rules":
+            return rules_verdict(job)
+        if self.reach is not None and column.startswith(("time_to_", "tokens_to_")):
+            reached = first_reach(job.curve, self.reach_key, self.reach)
+            if reached is None:
+                return None
+            return round(reached.seconds, 3) if column.startswith("time_to_") else round(reached.tokens)
+        if column in self.keys:
+            return job.overrides.get(column)
+        return job.lookup(column)
 
 
-def write_csv(path: Path, columns: list[str], jobs: list[Job]) -> None:
+def write_csv(path: Path, table: Table, jobs: list[Job]) -> None:
     """Full-precision values, empty cells for absent ones."""
     with path.open("w", newline="", encoding="utf-8") as file:
         writer = csv.writer(file)
-        writer.writerow(columns)
+        writer.writerow(table.columns)
         for job in jobs:
-            writer.writerow(["" if (v := job_value(job, column)) is None else v for column in columns])
+            row = []
+            for column in table.columns:
+                value = table.value(job, column)
+                row.append(
+                    "" if value is None else json.dumps(value) if isinstance(value, (dict, list)) else value
+                )
+            writer.writerow(row)
 
 
-def groups_section(groups: list[SeedGroup], metric: str, target: float | None, alpha: float) -> str:
-    headers = ["group", "n", f"mean {metric}", "std"]
-    if target is not None:
-        headers += ["t", "df", "p", f"beats {target} at p<{alpha}"]
+def provenance_warnings(jobs: list[Job]) -> list[str]:
+    """One line per provenance field whose value is not the same in every run that records provenance."""
+    recorded = [job for job in jobs if isinstance(job.summary.get("provenance"), dict)]
+    lines = []
+    for name in PROVENANCE_MUST_MATCH:
+        holders: dict[str, list[str]] = {}
+        for job in recorded:
+            holders.setdefault(json.dumps(job.summary["provenance"].get(name)), []).append(job.name)
+        if len(holders) > 1:
+            parts = [
+                f"{value} ({', '.join(names)})" if len(names) <= 3 else f"{value} ({len(names)} runs)"
+                for value, names in sorted(holders.items(), key=lambda item: -len(item[1]))
+            ]
+            lines.append(f"the runs differ in provenance.{name}: {'; '.join(parts)}")
+    return lines
+
+
+def signed(value: float, digits: int = 6) -> str:
+    return f"{value:+.{digits}f}"
+
+
+def seeds_text(seeds: int | None) -> str:
+    return "∞" if seeds is None else str(seeds)
+
+
+def settings_section(settings: list[Setting], metric: str, args: argparse.Namespace) -> str:
+    """Mean, standard deviation and n per setting; with --target, the one-sided test of "the mean is
+    below target - margin" and the seeds that test needs at the setting's spread."""
+    from speedrun import stats  # scipy: see the module docstring
+
+    threshold = None if args.target is None else args.target - args.margin
+    headers = ["setting", "n", f"mean {metric}", "std"]
+    if threshold is not None:
+        headers += ["t", "df", "p", f"< {threshold:.8g} at p<{args.alpha}", "seeds needed"]
     rows = []
-    for group in groups:
+    for setting in settings:
+        values = setting.metric_values
+        std = statistics.stdev(values) if len(values) > 1 else None
         row = [
-            group.label,
-            str(len(group.values)),
-            f"{group.mean:.6f}",
-            "" if group.std is None else f"{group.std:.6f}",
+            setting.label,
+            str(len(values)),
+            f"{statistics.fmean(values):.6f}",
+            "" if std is None else f"{std:.6f}",
         ]
-        if target is not None:
-            test = group.t_test
-            if test is None:
-                row += ["", "", "", "n/a (needs 2+ seeds)"]
-            else:
-                row += [f"{test.t:.2f}", str(test.df), f"{test.p:.4g}", "yes" if test.p < alpha else "no"]
+        if threshold is not None and std is None:
+            row += ["", "", "", "n/a (needs 2+ seeds)", ""]
+        elif threshold is not None:
+            test = stats.one_sample_below(values, threshold, confidence=1 - args.alpha)
+            effect = args.effect if args.effect is not None else threshold - test.estimate
+            seeds = stats.seeds_needed(effect, std, args.alpha, args.power, samples=1)
+            verdict = "yes" if test.p < args.alpha else "no"
+            row += [f"{test.t:.2f}", f"{test.df:g}", f"{test.p:.4g}", verdict, seeds_text(seeds)]
         rows.append(row)
-    return markdown_table(headers, rows)
+    text = markdown_table(headers, rows)
+    if threshold is not None:
+        margin = f" = {args.target} - margin {args.margin}" if args.margin else ""
+        effect = f"a mean {args.effect} below it" if args.effect is not None else "the observed mean"
+        text += (
+            f"\n\nOne-sided one-sample t-test of mean < {threshold:.8g}{margin} (t < 0 when below). "
+            f"Seeds needed: for {args.power:.0%} power to show {effect} below it at p < {args.alpha}, "
+            "at the setting's standard deviation (∞: not below, or out of reach)."
+        )
+    return text
+
+
+def baseline_section(
+    settings: list[Setting], baseline: Setting, metric: str, args: argparse.Namespace
+) -> str:
+    """Each other setting's mean difference from the baseline (Δ = setting - baseline) with its confidence
+    interval, Welch's test, the paired test over the seeds both ran, and the seeds per setting needed to
+    detect that Δ at the observed spread."""
+    from speedrun import stats  # scipy: see the module docstring
+
+    confidence = 1 - args.alpha
+    side = {"two-sided": "Δ ≠ 0", "less": "Δ < 0", "greater": "Δ > 0"}[args.alternative]
+    headers = ["setting", "n", f"mean {metric}", "Δ", f"{confidence:.0%} CI of Δ", "Welch t", "df", "p"]
+    headers += ["paired n", "paired p", "seeds needed"]
+    rows = []
+    for setting in settings:
+        if setting is baseline:
+            continue
+        values, base = setting.metric_values, baseline.metric_values
+        row = [setting.label, str(len(values)), f"{statistics.fmean(values):.6f}"]
+        if len(values) < 2 or len(base) < 2:
+            delta = statistics.fmean(values) - statistics.fmean(base)
+            rows.append(row + [signed(delta), "n/a (needs 2+ seeds on each side)", "", "", "", "", "", ""])
+            continue
+        test = stats.welch(values, base, args.alternative, confidence)
+        row += [signed(test.estimate), f"[{signed(test.low)}, {signed(test.high)}]"]
+        row += [f"{test.t:.2f}", f"{test.df:.1f}", f"{test.p:.4g}"]
+        pairs = paired_values(setting, baseline)
+        if pairs:
+            pair_test = stats.paired(
+                [c for c, _ in pairs], [b for _, b in pairs], args.alternative, confidence
+            )
+            row += [str(pair_test.n), f"{pair_test.p:.4g}"]
+        else:
+            row += ["", ""]
+        # Planning assumes equal spread: the root mean square of the two standard deviations.
+        spread = math.sqrt((statistics.variance(values) + statistics.variance(base)) / 2)
+        if args.effect is not None:
+            effect = args.effect
+        else:  # the observed Δ, in the direction the test asks about
+            effect = {"two-sided": abs(test.estimate), "less": -test.estimate, "greater": test.estimate}
+            effect = effect[args.alternative]
+        seeds = stats.seeds_needed(
+            effect, spread, args.alpha, args.power, samples=2, two_sided=args.alternative == "two-sided"
+        )
+        rows.append(row + [seeds_text(seeds)])
+    mean = statistics.fmean(baseline.metric_values)
+    effect = f"Δ = {args.effect}" if args.effect is not None else "the observed Δ"
+    name = baseline.label
+    if baseline.source == BASELINE:  # its label starts with the source, "baseline"
+        values = name.removeprefix(BASELINE).removeprefix(": ")
+        name = "the runs given with --baseline" + (f" ({values})" if values else "")
+    return (
+        f"Baseline: {name} (n={len(baseline.metric_values)}, mean {mean:.6f}).\n\n"
+        + markdown_table(headers, rows)
+        + f"\n\nΔ = setting - baseline (negative: lower {metric}). p: Welch's t-test of {side} "
+        f"(--alternative {args.alternative}); the interval has the same confidence and sides, so it "
+        f"excludes 0 exactly when p < {args.alpha}. Paired: the same test over the seeds both ran. "
+        f"Seeds needed: per setting, for {args.power:.0%} power to detect {effect} at p < {args.alpha}, "
+        "at the two settings' pooled spread."
+    )
+
+
+def paired_values(setting: Setting, baseline: Setting) -> list[tuple[float, float]]:
+    """(setting, baseline) values of the seeds both ran, when there are 2+ and no seed ran twice."""
+    mine, theirs = setting.seeds, baseline.seeds
+    if None in mine or None in theirs or len(set(mine)) < len(mine) or len(set(theirs)) < len(theirs):
+        return []
+    by_seed = dict(zip(theirs, baseline.metric_values, strict=True))
+    pairs = [
+        (value, by_seed[seed])
+        for seed, value in zip(mine, setting.metric_values, strict=True)
+        if seed in by_seed
+    ]
+    return pairs if len(pairs) >= 2 else []
+
+
+def reach_section(settings: list[Setting], key: str, target: float) -> str:
+    """Per setting: how many runs reached the target, and their mean time and tokens to it."""
+    rows = []
+    for setting in settings:
+        reached = [r for job in setting.jobs if (r := first_reach(job.curve, key, target)) is not None]
+        row = [setting.label, f"{len(reached)}/{len(setting.jobs)}"]
+        for values in ([r.seconds for r in reached], [r.tokens for r in reached]):
+            if not values:
+                row.append("")
+                continue
+            spread = f" ± {statistics.stdev(values):.4g}" if len(values) > 1 else ""
+            row.append(f"{statistics.fmean(values):.4g}{spread}")
+        rows.append(row)
+    headers = ["setting", "reached", "training time (s)", "tokens"]
+    return (
+        markdown_table(headers, rows)
+        + f"\n\nFirst evaluation at which {key} <= {target}, interpolated linearly between it and the one "
+        "before; mean ± standard deviation over the runs that reached it."
+    )
+
+
+def curve_labels(jobs: list[Job], keys: list[str]) -> list[str]:
+    """A legend label per job: its differing overrides (short keys; `default` where a run did not set
+    one), prefixed by the sweep folder when runs come from several; else its name when these do not tell
+    the jobs apart."""
+    several_sources = len({job.source for job in jobs}) > 1
+    labels = []
+    for job in jobs:
+        label = ", ".join(f"{short_key(key, keys)}={job.overrides.get(key, 'default')}" for key in keys)
+        labels.append(f"{job.source}: {label}" if several_sources and job.source else label)
+    return labels if all(labels) and len(set(labels)) == len(labels) else [job.name for job in jobs]
 
 
 def short_key(key: str, keys: list[str]) -> str:
@@ -273,113 +641,61 @@ def short_key(key: str, keys: list[str]) -> str:
     return leaf if sum(other.rsplit(".", 1)[-1] == leaf for other in keys) == 1 else key
 
 
-def curve_labels(jobs: list[Job], keys: list[str]) -> list[str]:
-    """A legend label per job: its swept values (short), else its folder name when they do not tell
-    the jobs apart (one job, or the same values in two sweeps)."""
-    labels = [", ".join(f"{short_key(k, keys)}={job.overrides.get(k)}" for k in keys) for job in jobs]
-    return labels if all(labels) and len(set(labels)) == len(labels) else [job.name for job in jobs]
+def figure_of(jobs: list[Job], keys: list[str], metric: str, key: str, reach: float | None):
+    """The figure of comparison.png (speedrun.plot), from the jobs' curves of `key` and final `metric`."""
+    from speedrun.plot import Curve, FinalPanel, FinalPoint, assign_styles, comparison_figure  # matplotlib
 
-
-def zoom_past_start(axis: object, curves: list[list[dict]]) -> None:
-    """Fit the y-axis to the points after step 0: every run starts from the same untrained loss, and
-    that one high point would flatten the part of the curves where the runs differ."""
-    later = [r["val/bpb"] for curve in curves for r in curve if r.get("step", 0) > 0]
-    if not later:
-        return
-    low = min(r["val/bpb"] for curve in curves for r in curve)
-    high = max(later)
-    pad = 0.08 * (high - low) or 0.05
-    axis.set_ylim(low - pad, high + pad)
-
-
-def plot(jobs: list[Job], keys: list[str], metric: str, path: Path) -> None:
-    """val_bpb against tokens and against training time, one line per job; for a sweep over one or two
-    keys (seeds aside), also the final metric against the first key (one line per value of the second)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    swept = [key for key in keys if key != "seed"]
-    panels = 3 if len(swept) in (1, 2) else 2
-    width = 6 * panels
-    figure, axes = plt.subplots(1, panels, figsize=(width, 4.5), squeeze=False)
-    axes = axes[0]
     curves = []
     for job, label in zip(jobs, curve_labels(jobs, keys), strict=True):
-        curve = [r for r in job.val_curve if math.isfinite(r["val/bpb"])]
-        if not curve:
-            continue
-        curves.append(curve)
-        bpb = [r["val/bpb"] for r in curve]
-        (line,) = axes[0].plot([r.get("tokens", 0) for r in curve], bpb, marker=".", label=label)
-        axes[1].plot(
-            [r.get("train_time_ms", 0) / 1000 for r in curve], bpb, marker=".", color=line.get_color()
+        points = [r for r in job.curve if finite(r.get(key)) is not None]
+        curves.append(
+            Curve(
+                label,
+                tokens=[float(r.get("tokens", 0)) for r in points],
+                seconds=[r.get("train_time_ms", 0) / 1000 for r in points],
+                values=[float(r[key]) for r in points],
+            )
         )
-    for axis, xlabel in zip(axes[:2], ["tokens", "training time (s)"], strict=True):
-        axis.set_xlabel(xlabel)
-        axis.set_ylabel("val_bpb")
-        axis.grid(alpha=0.3)
-        zoom_past_start(axis, curves)
-    axes[0].set_title("val_bpb vs tokens")
-    axes[1].set_title("val_bpb vs training time")
-    legend_rows = 0
-    if curves:
-        # One legend for both curve panels, below them, in as many columns as the labels allow.
-        handles, labels = axes[0].get_legend_handles_labels()
-        columns = max(1, min(len(labels), int(width / (0.075 * max(map(len, labels)) + 0.7))))
-        legend_rows = math.ceil(len(labels) / columns)
-        figure.legend(handles, labels, loc="lower center", ncol=columns, fontsize="small", frameon=False)
-    else:
-        axes[0].text(
-            0.5, 0.5, "no val/bpb records in metrics.jsonl", ha="center", transform=axes[0].transAxes
+    styles = assign_styles(keys, [tuple(job.overrides.get(k) for k in keys) for job in jobs])
+    swept = [k for k in keys if k != "seed"]
+    final = None
+    if len(swept) in (1, 2):
+        x_key, series_key = swept[0], (swept[1] if len(swept) > 1 else None)
+        points = [
+            FinalPoint(job.overrides[x_key], job.overrides.get(series_key) if series_key else None, value)
+            for job in jobs
+            if job.status == COMPLETED
+            and (value := job.number(metric)) is not None
+            and x_key in job.overrides
+        ]
+        final = FinalPanel(
+            points, short_key(x_key, swept), series_key and short_key(series_key, swept), metric
         )
-    if panels == 3:
-        plot_final_vs_swept(axes[2], jobs, swept, metric)
-    figure.tight_layout(rect=(0, min(0.06 * legend_rows + 0.01, 0.5), 1, 1))
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
+    return comparison_figure(curves, styles, key.replace("/", "_"), final=final, reach=reach)
 
 
-def plot_final_vs_swept(axis: object, jobs: list[Job], swept: list[str], metric: str) -> None:
-    """The final metric against swept[0]; with a second swept key, one line per value of it."""
-    key, series_key = swept[0], (swept[1] if len(swept) > 1 else None)
-    points = [
-        (job.overrides.get(key), job.overrides.get(series_key) if series_key else None, job.number(metric))
-        for job in jobs
-        if job.status == COMPLETED and job.number(metric) is not None and job.overrides.get(key) is not None
-    ]
+def finite_float(text: str) -> float:
     try:
-        xs_of = {x: float(x) for x, _, _ in points}
-    except ValueError:  # categorical values (model=small,medium): evenly spaced, in sorted order
-        categories = sorted({x for x, _, _ in points}, key=natural_key)
-        xs_of = {x: float(categories.index(x)) for x in categories}
-        axis.set_xticks(range(len(categories)), categories, rotation=30)
-    else:
-        values = list(xs_of.values())
-        if values and min(values) > 0 and max(values) > 10 * min(values):
-            axis.set_xscale("log")
-            axis.minorticks_off()
-        if len(set(values)) <= 8:  # ticks at the swept values, written as on the command line
-            ticks = {value: text for text, value in sorted(xs_of.items(), reverse=True)}
-            axis.set_xticks(list(ticks), list(ticks.values()))
-    series = sorted({s for _, s, _ in points}, key=lambda s: natural_key(str(s)))
-    for name in series:
-        # Several seeds per value: the dots are the runs, the line joins their means.
-        by_x: dict[float, list[float]] = {}
-        for x, s, y in points:
-            if s == name:
-                by_x.setdefault(xs_of[x], []).append(y)
-        label = f"{short_key(series_key, swept)}={name}" if series_key else None
-        (line,) = axis.plot(sorted(by_x), [sum(by_x[x]) / len(by_x[x]) for x in sorted(by_x)], label=label)
-        dots = [(x, y) for x, ys in by_x.items() for y in ys]
-        axis.scatter([x for x, _ in dots], [y for _, y in dots], alpha=0.6, color=line.get_color())
-    if series_key and points:
-        axis.legend(fontsize="small")
-    axis.set_xlabel(key)
-    axis.set_ylabel(f"final {metric}")
-    axis.set_title(f"final {metric} vs {short_key(key, swept)}")
-    axis.grid(alpha=0.3)
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text} is not a finite number")
+    return value
+
+
+def positive_float(text: str) -> float:
+    value = finite_float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text} is not above 0")
+    return value
+
+
+def fraction(text: str) -> float:
+    value = finite_float(text)
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not between 0 and 1 (exclusive), e.g. 0.01")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -387,73 +703,172 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("paths", nargs="+", type=Path, metavar="PATH", help="run folders or sweep folders")
     parser.add_argument("--out", type=Path, help="where comparison.{md,csv,png} go (default: the first PATH)")
     parser.add_argument(
-        "--target", type=float, help="test whether each seed group's mean metric is below this"
-    )
-    parser.add_argument("--alpha", type=float, default=0.01, help="significance level of the t-test (0.01)")
-    parser.add_argument(
         "--metric",
-        help="summary field to rank, group and test (default: quant_val_bpb if present, else val_bpb)",
+        help="summary field to rank, group and test (default: quant_val_bpb if present, else val_bpb); its "
+        "curve in metrics.jsonl (val_loss: val/loss) is plotted and used by --reach",
+    )
+    parser.add_argument(
+        "--target", type=finite_float, help="test whether each setting's mean metric is below this"
+    )
+    parser.add_argument(
+        "--margin",
+        type=finite_float,
+        default=0.0,
+        help="test against target - margin (parameter-golf: SOTA - 0.005); default 0",
+    )
+    parser.add_argument("--alpha", type=fraction, default=0.01, help="significance level of the tests (0.01)")
+    parser.add_argument(
+        "--baseline",
+        action="append",
+        default=[],
+        metavar="PATH|KEY=VALUE",
+        help="the baseline setting: a run or sweep folder, or KEY=VALUE (repeatable) picking one setting; "
+        "default: the setting whose swept keys are all at their defaults",
+    )
+    parser.add_argument(
+        "--alternative",
+        choices=["two-sided", "less", "greater"],
+        default="two-sided",
+        help="what the tests against the baseline ask: Δ ≠ 0 (default), Δ < 0 (lower than the baseline), Δ > 0",
+    )
+    parser.add_argument(
+        "--effect",
+        type=positive_float,
+        help="the difference to plan for in 'seeds needed' (default: the observed one)",
+    )
+    parser.add_argument(
+        "--power", type=fraction, default=0.8, help="the power 'seeds needed' plans for (0.8)"
+    )
+    parser.add_argument(
+        "--reach",
+        type=finite_float,
+        metavar="VALUE",
+        help="report the training time and tokens at which each run's metric first reached VALUE",
+    )
+    parser.add_argument(
+        "--columns",
+        type=lambda text: [c for c in text.split(",") if c],
+        default=[],
+        help="more summary fields as columns, comma-separated; dotted paths reach into blocks "
+        "(provenance.git_commit,params)",
     )
     return parser
 
 
+def split_baseline(values: list[str]) -> tuple[list[Path], list[str]]:
+    """--baseline values: folders, or KEY=VALUE selectors (not both)."""
+    paths, selectors = [], []
+    for value in values:
+        if Path(value).is_dir():
+            paths.append(Path(value))
+        elif "=" in value and not value.startswith("="):
+            selectors.append(value)
+        else:
+            raise UsageError(
+                f"--baseline {value}: neither a folder nor KEY=VALUE; give a run or sweep folder, "
+                "or a swept key and the value of the baseline setting"
+            )
+    if paths and selectors:
+        raise UsageError("--baseline: give folders or KEY=VALUE pairs, not both")
+    return paths, selectors
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    try:
+        return compare(args)
+    except UsageError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+def compare(args: argparse.Namespace) -> int:
     for path in args.paths:
         if not path.is_dir():
-            print(
-                f"speedrun-compare: {path} is not a folder; give run folders or sweep folders",
-                file=sys.stderr,
-            )
-            return 2
-    folders = find_run_folders(args.paths)
-    if not folders:
-        print(
-            f"speedrun-compare: no run folder found in {', '.join(map(str, args.paths))} "
-            "(a run folder holds summary.json, metrics.jsonl or .hydra/; a sweep folder holds run folders)",
-            file=sys.stderr,
+            raise UsageError(f"{path} is not a folder; give run folders or sweep folders")
+    baseline_paths, selectors = split_baseline(args.baseline)
+    jobs = load_jobs(args.paths, baseline_paths)
+    if not jobs:
+        raise UsageError(
+            f"no run folder found in {', '.join(map(str, args.paths))} "
+            "(a run folder holds summary.json, metrics.jsonl or .hydra/; a sweep folder holds run folders)"
         )
-        return 2
-    jobs = [load_job(folder) for folder in folders]
-    names = [job.name for job in jobs]
-    for job in jobs:  # the same job name from two sweeps: tell them apart by their sweep folder
-        if names.count(job.name) > 1:
-            job.name = f"{job.path.parent.name}/{job.name}"
+    metric = choose_metric(jobs, args.metric)
+    if args.metric and not any(job.number(metric) is not None for job in jobs):
+        raise UsageError(
+            f"--metric {metric}: no summary.json has a number under that name; "
+            "use a summary field such as val_bpb, quant_val_bpb, val_loss or quant_val_loss"
+        )
+    for column in args.columns:
+        if all(job.lookup(column) is None for job in jobs):
+            raise UsageError(
+                f"--columns {column}: no summary.json has that field; use a summary field "
+                "(dotted for nested blocks: provenance.git_commit)"
+            )
+    key = curve_key(metric)
+    read_curves(jobs, key)
+    if not any(finite(record.get(key)) is not None for job in jobs for record in job.curve):
+        if args.reach is not None:
+            raise UsageError(
+                f"--reach needs the curve of {metric} ({key} in metrics.jsonl), and no run has it; "
+                "choose a --metric that is evaluated during training, e.g. val_loss or val_bpb"
+            )
+        key = "val/bpb"  # e.g. --metric tok_per_sec: show the validation curves
 
     keys = varying_keys(jobs)
-    metric = choose_metric(jobs, args.metric)
-    if not any(job.number(metric) is not None for job in jobs) and args.metric:
-        print(
-            f"speedrun-compare: --metric {metric}: no summary.json has a number under that name; "
-            "use a summary field such as val_bpb, quant_val_bpb, val_loss or quant_val_loss",
-            file=sys.stderr,
-        )
-        return 2
     jobs = sort_jobs(jobs, metric)
-    columns = job_columns(keys, jobs)
-    table = markdown_table(columns, [[format_cell(c, job_value(job, c)) for c in columns] for job in jobs])
+    settings = settings_of(jobs, keys, metric)
+    baseline = choose_baseline(settings, bool(baseline_paths), selectors)
+    warnings = provenance_warnings(jobs)
+    for line in warnings:
+        warn(line)
+
+    table = Table(
+        keys=keys,
+        extra=args.columns,
+        rules=any(isinstance(job.summary.get("rules"), dict) for job in jobs),
+        reach=args.reach,
+        reach_key=key,
+        errors=any(job.error for job in jobs),
+    )
+    cells = [[format_cell(column, table.value(job, column)) for column in table.columns] for job in jobs]
     report = [
         f"# speedrun comparison: {len(jobs)} runs",
         "",
         f"Sorted by {metric}; runs that did not complete last.",
         "",
     ]
-    report += [table, ""]
-    if "seed" in keys:
-        groups = seed_groups(jobs, keys, metric, args.target)
+    report += [markdown_table(table.columns, cells), ""]
+    if warnings:
+        report += ["Warnings:", "", *(f"- {line}" for line in warnings), ""]
+    if any(len(s.metric_values) > 1 for s in settings) or args.target is not None:
+        report += [f"## Settings ({metric})", "", settings_section(settings, metric, args), ""]
+    if baseline is not None and len(settings) > 1:
         report += [
-            f"## Seed groups ({metric})",
+            f"## Against the baseline ({metric})",
             "",
-            groups_section(groups, metric, args.target, args.alpha),
+            baseline_section(settings, baseline, metric, args),
             "",
         ]
-    elif args.target is not None:
-        report += ["No seed groups (runs that differ only in `seed`), so no t-test against the target.", ""]
+    elif len(settings) > 1 and any(len(s.metric_values) > 1 for s in settings):
+        report += [
+            "No baseline setting (name one with --baseline KEY=VALUE or --baseline PATH for Δ and its tests).",
+            "",
+        ]
+    if args.reach is not None:
+        report += [
+            f"## Time to {key} <= {args.reach}",
+            "",
+            reach_section(settings, key, args.reach),
+            "",
+        ]
 
     out = args.out or args.paths[0]
     out.mkdir(parents=True, exist_ok=True)
-    write_csv(out / "comparison.csv", columns, jobs)
-    plot(jobs, keys, metric, out / "comparison.png")
+    write_csv(out / "comparison.csv", table, jobs)
+    from speedrun.plot import save_figure  # matplotlib: see the module docstring
+
+    save_figure(figure_of(jobs, keys, metric, key, args.reach), out / "comparison.png")
     text = "\n".join(report)
     (out / "comparison.md").write_text(text + "\n![curves](comparison.png)\n", encoding="utf-8")
     print(text)

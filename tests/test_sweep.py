@@ -19,7 +19,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.utils import setup_globals
 from omegaconf import OmegaConf, open_dict
 
-from speedrun.compare import natural_key
+from speedrun.callbacks import natural_key
 from speedrun.config import register_configs, validate_config
 from speedrun.config.resolvers import MAX_NAME_CHARS, register_resolvers
 from speedrun.sinks.wandb_reader import find_offline_runs, read_offline_run
