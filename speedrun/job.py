@@ -142,12 +142,7 @@ def _build_trainer(config: dict, info: dict, ctx, run_dir: Path):
         # The reference's fast-math knobs: fp32 matmuls (outside autocast) may use TF32.
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    vocab = data.vocab_size()
-    if vocab != config["model"]["vocab_size"]:
-        raise ValueError(
-            f"model.vocab_size={config['model']['vocab_size']} does not match the tokenizer's vocab {vocab} "
-            f"({data.tokenizer_path()}); set model.vocab_size={vocab}"
-        )
+    data.check_model_vocab(config["model"]["vocab_size"])
     seq_len = config["data"]["seq_len"]
     params = sum(p.numel() for p in model.parameters())
     flops_per_token = model.flops_per_token(seq_len)

@@ -156,7 +156,7 @@ def _prepare_data(cfg: DictConfig) -> None:
     from hydra.utils import instantiate
 
     data = instantiate(cfg.data)
-    data.prepare()
+    data.prepare(model_vocab_size=cfg.model.get("vocab_size"))
     log.info("data: %s", data.describe())
 
 

@@ -332,7 +332,8 @@ class Trainer:
                 self.train_time_ms += 1000.0 * (time.perf_counter() - t0)
                 val_loss, val_bpb = self._evaluate(eval_model, val_tokens, luts)
                 self.last_val = (val_loss, val_bpb)
-                self.min_val_bpb = min(self.min_val_bpb, val_bpb)
+                if val_bpb is not None:  # None: data without a tokenizer
+                    self.min_val_bpb = min(self.min_val_bpb, val_bpb)
                 self._record({"val/loss": val_loss, "val/bpb": val_bpb})
                 self._sync()
                 t0 = time.perf_counter()
@@ -479,7 +480,8 @@ class Trainer:
         self._record({"quant/val_loss": quant_loss, "quant/val_bpb": quant_bpb})
         model_bytes = path.stat().st_size
         code = code_bytes()
-        log.info("final_int8_zlib_roundtrip val_loss:%.8f val_bpb:%.8f", quant_loss, quant_bpb)
+        log.info("final_int8_zlib_roundtrip val_loss:%.8f val_bpb:%s", quant_loss,
+                 "null" if quant_bpb is None else f"{quant_bpb:.8f}")  # fmt: skip
         log.info("artifact: model %d bytes + code %d bytes = %d bytes", model_bytes, code, model_bytes + code)
         return {
             "quant_val_loss": quant_loss,

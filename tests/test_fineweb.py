@@ -24,7 +24,7 @@ import pytest
 import yaml
 
 from speedrun.data.shards import list_shards, read_shard_header, write_shard
-from speedrun.data.tokenizer import train_sentencepiece
+from speedrun.data.tokenizer_sentencepiece import train_sentencepiece
 
 REPO = Path(__file__).resolve().parent.parent
 REPO_ID = "someone/parameter-golf"

@@ -15,7 +15,8 @@ import pytest
 
 from speedrun.data.prepare import main
 from speedrun.data.shards import list_shards, load_shard
-from speedrun.data.tokenizer import encode_documents, load_sentencepiece, train_sentencepiece
+from speedrun.data.tokenizer import encode_documents
+from speedrun.data.tokenizer_sentencepiece import SentencePieceTokenizer, train_sentencepiece
 from tests.conftest import cli_env, read_summary, run_train
 
 REPO = Path(__file__).resolve().parent.parent
@@ -49,7 +50,7 @@ def read_split(folder: Path, split: str) -> np.ndarray:
 
 def decode_docs(folder: Path, split: str) -> list[str]:
     """Cut a split's token stream at BOS and decode each document."""
-    sp = load_sentencepiece(folder / "tokenizer.model")
+    sp = SentencePieceTokenizer(folder / "tokenizer.model").processor
     tokens = read_split(folder, split).astype(np.int64)
     starts = np.flatnonzero(tokens == sp.bos_id())
     assert starts[0] == 0, "every split starts with a document's BOS"
@@ -81,13 +82,14 @@ def docs() -> list[str]:
 def test_tokenizer_round_trips_text_exactly(tmp_path, docs):
     model = train_sentencepiece(docs, tmp_path / "tok", 300, threads=1)
     assert model == tmp_path / "tok.model" and (tmp_path / "tok.vocab").is_file()
-    sp = load_sentencepiece(model)
+    tokenizer = SentencePieceTokenizer(model)
+    sp = tokenizer.processor
     assert (sp.get_piece_size(), sp.pad_id(), sp.bos_id(), sp.eos_id(), sp.unk_id()) == (300, 0, 1, 2, 3)
     # Identity normalization, no whitespace collapsing, byte fallback: nothing is lost or rewritten.
     text = "  def f(x):\n\t\treturn  x  # é 中文 🙂 ＡＢＣ 12345\n\n"
     assert sp.decode(sp.encode(text)) == text
     assert all(len(piece.strip("▁")) <= 1 for piece in sp.encode("12345", out_type=str)), "digits are split"
-    tokens = encode_documents(sp, ["ka lo", "mi"])
+    tokens = encode_documents(tokenizer, ["ka lo", "mi"])
     assert tokens.dtype == np.uint16
     assert tokens.tolist() == [1, *sp.encode("ka lo"), 1, *sp.encode("mi")]
 
