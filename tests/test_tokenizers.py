@@ -3,7 +3,6 @@ UTF-8 of the decoded text, round trips, and a one-line error for every file that
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import json
 from pathlib import Path
@@ -13,7 +12,7 @@ import pytest
 import tiktoken
 import torch
 from tokenizers import Tokenizer as HFTokenizer
-from tokenizers import decoders, models, pre_tokenizers, trainers
+from tokenizers import decoders, models, pre_tokenizers
 
 from speedrun.data import tokenizer_tiktoken
 from speedrun.data.stdlib_corpus import is_val_document, stdlib_documents
@@ -27,6 +26,7 @@ from speedrun.data.tokenizer import (
 )
 from speedrun.data.tokenizer_huggingface import bytes_to_unicode, train_bytelevel
 from speedrun.eval import count_target_bytes
+from tests.tokenizer_builders import metaspace_json, rank_file_from_bytelevel
 
 KINDS = ["sentencepiece", "tiktoken", "bytelevel_json", "metaspace_json"]
 UNICODE_TEXT = "x = 'λ'  # naïve café 中文 🙂 → 42\n\tspaces  kept  <|endoftext|> <s>\n"
@@ -39,41 +39,6 @@ def documents() -> tuple[list[str], list[str]]:
     train = [text for rel, text in docs if not is_val_document(rel)]
     val = [text for rel, text in docs if is_val_document(rel)]
     return train, val
-
-
-def rank_file_from_bytelevel(json_path: Path, out: Path) -> Path:
-    """The byte-level tokenizer's vocabulary as a tiktoken rank file: merges keep their order, so both
-    libraries split text the same way (GPT-2's pattern in both) and merge it in the same order."""
-    byte_of = bytes_to_unicode()
-    vocab = json.loads(json_path.read_text())["model"]["vocab"]
-    ranked = sorted(
-        (token_id, token) for token, token_id in vocab.items() if token_id != 0
-    )  # 0: <|endoftext|>
-    lines = [
-        base64.b64encode(bytes(byte_of[c] for c in token)) + b" %d" % (rank - 1) for rank, token in ranked
-    ]
-    out.write_bytes(b"\n".join(lines) + b"\n")
-    return out
-
-
-def metaspace_json(train: list[str], out: Path) -> Path:
-    """A SentencePiece-style BPE in tokenizers' format, as converted Llama 2 tokenizers are: Metaspace
-    pre-tokenizer, byte fallback (<0xNN> tokens), and a Replace/ByteFallback/Fuse/Strip decoder."""
-    tokenizer = HFTokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
-    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first")
-    tokenizer.decoder = decoders.Sequence(
-        [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
-    )
-    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=["<unk>", "<s>"], show_progress=False)
-    tokenizer.train_from_iterator(train, trainer)
-    config = json.loads(tokenizer.to_str())
-    vocab = config["model"]["vocab"]
-    for byte in range(
-        256
-    ):  # the trainer does not add byte-fallback pieces: append them, as SentencePiece has
-        vocab[f"<0x{byte:02X}>"] = len(vocab)
-    out.write_text(json.dumps(config))
-    return out
 
 
 @pytest.fixture(scope="module")

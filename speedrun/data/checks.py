@@ -57,11 +57,11 @@ def check_tokenizer_matches_manifest(folder: Path, tokenizer: Tokenizer, allowed
     )
 
 
-def check_token_ids(shards: Sequence[Path], limit: int, what: str, fix: str) -> None:
-    """Refuse the first shard holding a token id >= `limit` (`what` names the limit, `fix` says what to do)."""
+def check_token_ids(shards: Sequence[Path], limit: int, limit_name: str, fix: str) -> None:
+    """Refuse the first shard holding a token id >= `limit`, which the message calls `limit_name`."""
     for shard, largest in zip(shards, max_token_ids(shards), strict=True):
         if largest >= limit:
-            raise DataError(f"{shard}: token id {largest} >= {what} {limit}; {fix}")
+            raise DataError(f"{shard}: token id {largest} >= {limit_name}; {fix}")
 
 
 def max_token_ids(shards: Sequence[Path]) -> list[int]:

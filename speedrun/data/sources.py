@@ -126,7 +126,7 @@ class DataSource:
         check_token_ids(
             shards,
             tokenizer.vocab_size,
-            "the vocabulary of",
+            f"the tokenizer's vocab {tokenizer.vocab_size}",
             f"{self.tokenizer_label} {tokenizer.source} is not the tokenizer these shards were made with",
         )
 
@@ -148,7 +148,7 @@ class DataSource:
         check_token_ids(
             [*self.train_files(), *self.val_files()],
             model_vocab_size,
-            "model.vocab_size=",
+            f"model.vocab_size={model_vocab_size}",
             "raise model.vocab_size, or check that these shards are the ones meant",
         )
 
