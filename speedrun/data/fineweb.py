@@ -279,6 +279,8 @@ def fetch(
     "failed": [one message per file that could not be fetched], "repo": the repo@revision}.
     """
     variant = Variant.parse(variant_name)
+    if data_dir.exists() and not data_dir.is_dir():
+        raise UsageError(f"--data-dir {data_dir} is a file, not a folder; give a folder (default: data)")
     repo_id = variant.repo_id if repo_id is None else repo_id
     remote_root = variant.remote_root if remote_root is None else remote_root
     hub = Hub(repo_id, revision, remote_root, data_dir, variant.vocab_size)
