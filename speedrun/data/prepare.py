@@ -10,7 +10,7 @@ for a bounded sample that trains the tokenizer (SentencePiece, or a byte-level B
 bytelevel`; skipped with `--tokenizer`), once to encode every document, its start token first, into
 `<prefix>_train_NNNNNN.bin` / `<prefix>_val_NNNNNN.bin` shards. Memory stays flat however large the corpus
 or its documents: one preallocated shard buffer per split, a few chunks of text in flight, and documents
-longer than a megabyte encoded a piece at a time (`split_long_text`).
+longer than 256K characters encoded a piece at a time (`split_long_text`).
 
 Nothing is dropped silently: unreadable lines are skipped and counted by reason, undecodable bytes are
 replaced with U+FFFD and the document counted as repaired, and both are reported on stderr and in

@@ -32,7 +32,7 @@ from speedrun.data.shards import MAX_TOKEN_ID, TOKEN_DTYPE
 GPT2_NAME = "gpt2"
 # Each piece of a long document is encoded on its own (see split_long_text): tokenizers build per-character
 # structures over the whole string they are given, so a 30 MB one-line document would cost gigabytes.
-MAX_PIECE_CHARS = 1 << 20
+MAX_PIECE_CHARS = 1 << 18
 
 
 class TokenizerError(ValueError):

@@ -21,11 +21,15 @@ from pathlib import Path
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from speedrun.data.tokenizer import TokenBytes, Tokenizer, TokenizerError, file_sha256
+from speedrun.data.tokenizer import TokenBytes, Tokenizer, TokenizerError, file_sha256, split_long_text
 
 # The special token that opens each document, first found wins: GPT-2's, then the usual BOS spellings.
 DOCUMENT_START_TOKENS = ("<|endoftext|>", "<|bos|>", "<|begin_of_text|>", "<s>", "<bos>", "[BOS]")
 BYTE_FALLBACK = re.compile(r"<0x[0-9A-Fa-f]{2}>")
+ENCODE_BATCH_CHARS = 1 << 18
+# The trainer is fed texts cut to this size: it pre-tokenizes a whole text before counting its words, which
+# for one 10 MB document would hold millions of pre-tokens at once.
+TRAINING_PIECE_CHARS = 1 << 16
 
 
 def bytes_to_unicode() -> dict[str, int]:
@@ -83,7 +87,19 @@ class HuggingFaceTokenizer(Tokenizer):
         return next((by_content[t] for t in DOCUMENT_START_TOKENS if t in by_content), None)
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-        return [e.ids for e in self.tokenizer.encode_batch(list(texts), add_special_tokens=False)]
+        # A few hundred kilobytes of text per call: each token's Encoding (string, offsets, masks) costs
+        # far more than its id, and only the ids are kept.
+        ids: list[list[int]] = []
+        batch: list[str] = []
+        size = 0
+        for text in [*texts, None]:
+            if text is None or (batch and size + len(text) > ENCODE_BATCH_CHARS):
+                ids += [e.ids for e in self.tokenizer.encode_batch(batch, add_special_tokens=False)]
+                batch, size = [], 0
+            if text is not None:
+                batch.append(text)
+                size += len(text)
+        return ids
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode([int(i) for i in ids], skip_special_tokens=True)
@@ -161,7 +177,8 @@ def train_bytelevel(texts: Iterable[str], path: Path, vocab_size: int) -> Path:
         initial_alphabet=alphabet,  # every byte has a token, whatever the sample holds
         show_progress=False,
     )
-    tokenizer.train_from_iterator(texts, trainer)
+    pieces = (piece for text in texts for piece in split_long_text(text, TRAINING_PIECE_CHARS))
+    tokenizer.train_from_iterator(pieces, trainer)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     tokenizer.save(str(tmp))
