@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import gzip
 import hashlib
+import itertools
 import json
 import multiprocessing
 import os
@@ -436,6 +437,10 @@ def obtain_tokenizer(
     docs = tokenizer_sample(
         iter_documents(files, ReadReport()), split, args.sample_docs, args.sample_bytes, sample
     )
+    first = next(docs, None)
+    if first is None:
+        raise _no_documents_error(files, split, sample.documents_seen)
+    docs = itertools.chain([first], docs)
     try:
         if args.train == "sentencepiece":
             from speedrun.data.tokenizer_sentencepiece import train_sentencepiece
@@ -446,11 +451,7 @@ def obtain_tokenizer(
 
             path = train_bytelevel(docs, output / f"{TOKENIZER_STEM}.json", args.vocab_size)
     except ValueError as error:
-        if sample.documents == 0:
-            raise _no_documents_error(files, split, sample.documents_seen) from None
         raise PrepareError(str(error)) from None
-    if sample.documents == 0:
-        raise _no_documents_error(files, split, sample.documents_seen)
     tokenizer = _load(path)
     check_tokenizer(tokenizer, None)
     _log(
