@@ -28,6 +28,7 @@ import yaml
 
 from speedrun.data.shards import list_shards, read_shard_header, write_shard
 from speedrun.data.tokenizer_sentencepiece import train_sentencepiece
+from tests.conftest import read_summary, run_train
 
 REPO = Path(__file__).resolve().parent.parent
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
@@ -420,3 +421,16 @@ def test_bad_input_is_one_error_line(hub, tmp_path, args, code, message):
     )  # fmt: skip
     assert proc.returncode == code
     assert message in error_line(proc.stderr) and "Traceback" not in proc.stderr, proc.stderr
+
+
+@pytest.mark.parametrize("layout", [GPT2], ids=["gpt2"])
+def test_modded_nanogpts_data_trains_with_val_loss_and_a_null_val_bpb(hub, layout, tmp_path):
+    """The GPT-2 layout as fetched, through the real CLI with data=fineweb_gpt2: no tokenizer, so the run
+    reports val_loss and a null val_bpb, with modded-nanogpt's padded vocabulary (50,304 rows)."""
+    assert run_fetch(hub, layout, tmp_path, "--train-shards", "2").returncode == 0
+    run_dir = tmp_path / "run"
+    run_train(run_dir, "data=fineweb_gpt2", f"data.path={tmp_path / layout.local_dir}", "model.vocab_size=50304",
+              "trainer.max_steps=3", "trainer.export=false")  # fmt: skip
+    summary = read_summary(run_dir)
+    assert summary["status"] == "completed" and summary["val_bpb"] is None and summary["val_loss"] > 0
+    assert "no data.tokenizer: val_bpb will be null" in (run_dir / "train.log").read_text()
