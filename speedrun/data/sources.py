@@ -41,7 +41,8 @@ class DataSource:
     - `vocab_size()`: the tokenizer's vocabulary, or None when the data has no tokenizer.
     - `check_model_vocab(n)`: refuses a model whose embedding (n rows) cannot hold every token id; a
       larger n than the tokenizer's vocabulary is padding (modded-nanogpt pads GPT-2's 50,257 to 50,304).
-      Without a tokenizer it compares n with the largest id in the shards (cached per shard, see checks.py).
+      Without a tokenizer it compares n with the largest id in the shards (`check_token_ids(n)`; the
+      largest id of each shard is cached, see checks.py, so every rank may call it).
     - `tokenizer_path()`: what `data.tokenizer` names (a path, `gpt2`, or None), for messages.
     - `train_loader(rank, world_size, device)`, `load_val_tokens()`: the token streams.
     - `byte_luts(device)`: the tables bits-per-byte counts bytes with, or None without a tokenizer (then
@@ -91,15 +92,16 @@ class DataSource:
     def prepare(self, model_vocab_size: int | None = None) -> None:
         """Build or check everything; raise DataError naming the culprit and the fix."""
         self._verify()
+        self.check_token_ids(model_vocab_size)
         if model_vocab_size is not None:
             self.check_model_vocab(model_vocab_size)
 
     def _verify(self) -> None:
+        """Every shard's header and size; the tokenizer loads and is the one the manifest records."""
         spec = self.tokenizer_path()
         if spec is not None and spec != GPT2_NAME and not Path(spec).is_file():
             raise DataError(f"{self.tokenizer_label} {spec} not found; {self.how_to_make()}")
         tokenizer = self.tokenizer()
-        shards = []
         for split, files in (("train", self.train_files()), ("val", self.val_files())):
             if not files:
                 raise DataError(f"no {split} shards {self.where_shards_are(split)}; {self.how_to_make()}")
@@ -108,49 +110,56 @@ class DataSource:
                     read_shard_header(file)
                 except ShardError as e:
                     raise DataError(str(e)) from None
-            shards += files
         if tokenizer is None:
             recorded = recorded_tokenizer(self.shard_folder())
-            hint = (
-                f"; these shards were prepared with {recorded[0]}"
-                if recorded and recorded[0].is_file()
-                else ""
+            found = recorded is not None and recorded[0].is_file()
+            log.info(
+                NO_TOKENIZER_NOTE + (f"; these shards were prepared with {recorded[0]}" if found else "")
             )
-            log.info(NO_TOKENIZER_NOTE + hint)
             return
         warning = check_tokenizer_matches_manifest(
             self.shard_folder(), tokenizer, self.allow_tokenizer_mismatch
         )
         if warning:
             log.warning(warning)
-        check_token_ids(
-            shards,
-            tokenizer.vocab_size,
-            f"the tokenizer's vocab {tokenizer.vocab_size}",
-            f"{self.tokenizer_label} {tokenizer.source} is not the tokenizer these shards were made with",
-        )
+
+    def check_token_ids(self, model_vocab_size: int | None = None) -> None:
+        """Refuse the first shard holding an id the tokenizer's vocabulary (or, without a tokenizer, the
+        model's embedding) does not have. Cheap after the first time: the largest ids are cached."""
+        shards = [*self.train_files(), *self.val_files()]
+        tokenizer = self.tokenizer()
+        if tokenizer is not None:
+            check_token_ids(
+                shards,
+                tokenizer.vocab_size,
+                f"the tokenizer's vocab {tokenizer.vocab_size}",
+                f"{self.tokenizer_label} {tokenizer.source} is not the tokenizer these shards were made with",
+            )
+        elif model_vocab_size is not None:
+            check_token_ids(
+                shards,
+                model_vocab_size,
+                f"model.vocab_size={model_vocab_size}",
+                "raise model.vocab_size, or check that these shards are the ones meant",
+            )
 
     def check_model_vocab(self, model_vocab_size: int) -> None:
-        """Refuse a model whose embedding cannot hold every token id of this data."""
+        """Refuse a model whose embedding cannot hold every token id of this data: fewer rows than the
+        tokenizer's vocabulary, or (without a tokenizer) than the shards' largest id needs."""
         vocab = self.vocab_size()
-        if vocab is not None:
-            if vocab > model_vocab_size:
-                raise DataError(
-                    f"model.vocab_size={model_vocab_size} is smaller than the tokenizer's vocab {vocab} "
-                    f"({self.tokenizer_path()}); set model.vocab_size={vocab}"
-                )
-            if vocab < model_vocab_size:
-                log.info(
-                    "model.vocab_size=%d pads the tokenizer's %d ids (%d embedding rows never used)",
-                    model_vocab_size, vocab, model_vocab_size - vocab,
-                )  # fmt: skip
-            return  # prepare() checked every id against the tokenizer's vocabulary
-        check_token_ids(
-            [*self.train_files(), *self.val_files()],
-            model_vocab_size,
-            f"model.vocab_size={model_vocab_size}",
-            "raise model.vocab_size, or check that these shards are the ones meant",
-        )
+        if vocab is None:
+            self.check_token_ids(model_vocab_size)
+            return
+        if vocab > model_vocab_size:
+            raise DataError(
+                f"model.vocab_size={model_vocab_size} is smaller than the tokenizer's vocab {vocab} "
+                f"({self.tokenizer_path()}); set model.vocab_size={vocab}"
+            )
+        if vocab < model_vocab_size:
+            log.info(
+                "model.vocab_size=%d pads the tokenizer's %d ids (%d embedding rows never used)",
+                model_vocab_size, vocab, model_vocab_size - vocab,
+            )  # fmt: skip
 
     # ---- what a run uses -----------------------------------------------------------------
 
