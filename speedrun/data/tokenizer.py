@@ -23,9 +23,12 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
+
+if TYPE_CHECKING:
+    import torch
 
 from speedrun.data.shards import MAX_TOKEN_ID, TOKEN_DTYPE
 
@@ -58,18 +61,11 @@ class TokenBytes:
         """Every id a 0-byte boundary until the tokenizer says otherwise (ids it leaves unused stay so)."""
         return cls(np.zeros(vocab_size, np.int16), np.zeros(vocab_size, bool), np.ones(vocab_size, bool))
 
-    def as_tensors(self, device) -> tuple:
+    def as_tensors(self, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(base, leading_space, boundary) as torch tensors on `device`: what evaluation indexes."""
         import torch  # here, not at the top: preparing a corpus must not pay for importing torch
 
         return tuple(torch.from_numpy(a).to(device) for a in (self.base, self.leading_space, self.boundary))
-
-    def count(self, ids: Sequence[int] | np.ndarray) -> int:
-        """Bytes that ids[1:] stand for, each given the token before it (the evaluation's rule, in numpy)."""
-        ids = np.asarray(ids, dtype=np.int64)
-        prev, target = ids[:-1], ids[1:]
-        spaces = self.leading_space[target] & ~self.boundary[prev]
-        return int(self.base[target].astype(np.int64).sum() + spaces.sum())
 
 
 class Tokenizer(ABC):
