@@ -15,7 +15,7 @@ import json
 import os
 import re
 import shutil
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 from tokenizers import Tokenizer as HFTokenizer
@@ -70,7 +70,7 @@ class HuggingFaceTokenizer(Tokenizer):
             ) from None
         # A document that spells "<|endoftext|>" holds text, not a boundary (tiktoken's encode_ordinary).
         self.tokenizer.encode_special_tokens = True
-        self.style = _decoding_style(self.config.get("decoder"), self.path)
+        self.style, self.space_mark = _decoding_style(self.config.get("decoder"), self.path)
         self.special = {
             token_id: added.content
             for token_id, added in self.tokenizer.get_added_tokens_decoder().items()
@@ -90,15 +90,8 @@ class HuggingFaceTokenizer(Tokenizer):
         # A few hundred kilobytes of text per call: each token's Encoding (string, offsets, masks) costs
         # far more than its id, and only the ids are kept.
         ids: list[list[int]] = []
-        batch: list[str] = []
-        size = 0
-        for text in [*texts, None]:
-            if text is None or (batch and size + len(text) > ENCODE_BATCH_CHARS):
-                ids += [e.ids for e in self.tokenizer.encode_batch(batch, add_special_tokens=False)]
-                batch, size = [], 0
-            if text is not None:
-                batch.append(text)
-                size += len(text)
+        for batch in _batches(texts, ENCODE_BATCH_CHARS):
+            ids += [e.ids for e in self.tokenizer.encode_batch(batch, add_special_tokens=False)]
         return ids
 
     def decode(self, ids: Sequence[int]) -> str:
@@ -108,14 +101,13 @@ class HuggingFaceTokenizer(Tokenizer):
         table = TokenBytes.empty(self.vocab_size)
         added = {i: t.content for i, t in self.tokenizer.get_added_tokens_decoder().items() if not t.special}
         byte_of = bytes_to_unicode()
-        replacement = self.style[1]
         for token, token_id in self.tokenizer.get_vocab(with_added_tokens=True).items():
             if token_id in self.special:
                 continue  # no text: a boundary
             table.boundary[token_id] = False
             if token_id in added:  # matched and decoded as its literal content
                 table.base[token_id] = len(added[token_id].encode("utf-8"))
-            elif self.style[0] == "bytelevel":
+            elif self.style == "bytelevel":
                 try:
                     table.base[token_id] = len(bytes(byte_of[char] for char in token))
                 except KeyError:
@@ -125,10 +117,10 @@ class HuggingFaceTokenizer(Tokenizer):
             elif BYTE_FALLBACK.fullmatch(token):
                 table.base[token_id] = 1
             else:
-                if token.startswith(replacement):
+                if token.startswith(self.space_mark):
                     table.leading_space[token_id] = True
-                    token = token[len(replacement) :]
-                table.base[token_id] = len(token.replace(replacement, " ").encode("utf-8"))
+                    token = token[len(self.space_mark) :]
+                table.base[token_id] = len(token.replace(self.space_mark, " ").encode("utf-8"))
         return table
 
     def fingerprint(self) -> str:
@@ -137,6 +129,20 @@ class HuggingFaceTokenizer(Tokenizer):
     def save(self, path: Path) -> None:
         if not (path.exists() and path.samefile(self.path)):
             shutil.copyfile(self.path, path)
+
+
+def _batches(texts: Sequence[str], max_chars: int) -> Iterator[list[str]]:
+    """Consecutive texts grouped up to `max_chars` characters (a longer text goes alone)."""
+    batch: list[str] = []
+    size = 0
+    for text in texts:
+        if batch and size + len(text) > max_chars:
+            yield batch
+            batch, size = [], 0
+        batch.append(text)
+        size += len(text)
+    if batch:
+        yield batch
 
 
 def _decoding_style(decoder: dict | None, path: Path) -> tuple[str, str]:
