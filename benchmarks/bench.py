@@ -4,7 +4,7 @@ Every figure is measured in one run, side by side where there is a comparison:
 - trainer: the real `Trainer` against a bare loop written here (same model, optimizer, schedule,
   batches and precision), alternating step by step and compared by median step time;
 - data: tokens per second one rank's loader delivers (the reference's per-rank batch), and the
-  peak memory and speed of `speedrun.prepare` on a 100 MB JSON-lines corpus;
+  peak memory and speed of `speedrun.prepare` on a 100 MB JSON-lines corpus and on one 30 MB document;
 - eval: tokens per second of `speedrun.eval.evaluate`;
 - cli: `--cfg job` latency and the time from process start to the first training record;
 - gpu: tokens/s and MFU with all speed features, then with each one switched off (CUDA only).
@@ -21,6 +21,7 @@ import argparse
 import contextlib
 import ctypes
 import datetime
+import itertools
 import json
 import os
 import platform
@@ -72,6 +73,7 @@ class Sizes:
     loader_tokens: int  # per rank and batch
     loader_seconds: float
     prepare_mb: float  # size of the JSON-lines corpus speedrun.prepare is measured on
+    prepare_document_mb: float  # size of the single long document it is measured on as well
     cli_repeats: int
 
 
@@ -81,20 +83,22 @@ REFERENCE_LOADER = dict(loader_seq_len=1024, loader_tokens=65536)
 # A CPU step of ~50 ms of CPU time: long against timer noise, short enough for hundreds of steps.
 CPU_SIZES = Sizes(
     model="gpt_tiny", seq_len=128, batch_tokens=2048, steps=40, skip=3, min_runs=2, trainer_seconds=90,
-    val_tokens=32768, eval_batch_tokens=4096, loader_seconds=2.0, prepare_mb=100, cli_repeats=5,
+    val_tokens=32768, eval_batch_tokens=4096, loader_seconds=2.0, prepare_mb=100, prepare_document_mb=30,
+    cli_repeats=5,
     **REFERENCE_LOADER,
 )  # fmt: skip
 # parameter-golf's baseline model and per-rank batch.
 CUDA_SIZES = Sizes(
     model="pg_9x512", seq_len=1024, batch_tokens=65536, steps=40, skip=10, min_runs=3, trainer_seconds=60,
-    val_tokens=1048576, eval_batch_tokens=65536, loader_seconds=2.0, prepare_mb=100, cli_repeats=5,
+    val_tokens=1048576, eval_batch_tokens=65536, loader_seconds=2.0, prepare_mb=100, prepare_document_mb=30,
+    cli_repeats=5,
     **REFERENCE_LOADER,
 )  # fmt: skip
 # Plumbing only (tests): seconds in all, numbers meaningless.
 TINY_SIZES = Sizes(
     model="gpt_tiny", seq_len=64, batch_tokens=256, steps=4, skip=1, min_runs=2, trainer_seconds=0,
     val_tokens=1024, eval_batch_tokens=512, loader_seq_len=64, loader_tokens=4096, loader_seconds=0.1,
-    prepare_mb=2, cli_repeats=1,
+    prepare_mb=2, prepare_document_mb=1, cli_repeats=1,
 )  # fmt: skip
 
 
@@ -349,26 +353,56 @@ def bench_prepare(sizes: Sizes, workdir: Path) -> list[Result]:
     size = write_jsonl_corpus(corpus, int(sizes.prepare_mb * 1e6))
     command = [sys.executable, "-m", "speedrun.prepare", "--input", str(corpus), "--output",
                str(workdir / "prepared"), "--vocab-size", "1024"]  # fmt: skip
+    label = f"speedrun.prepare peak memory ({size / 1e6:.0f} MB JSONL)"
+    peak, seconds, failure = run_measuring_memory(command, workdir / "prepare.log")
+    if failure:
+        return [Result(label, None, "MiB", ("<=", 1024.0), note=failure)]
+    return [
+        Result(label, peak / 2**20, "MiB", ("<=", 1024.0), note="all its processes, sampled every 50 ms"),
+        Result(
+            "speedrun.prepare throughput", size / 1e6 / seconds, "MB/s", note="tokenizer training included"
+        ),
+    ]
+
+
+def bench_prepare_long_document(sizes: Sizes, workdir: Path) -> list[Result]:
+    """`speedrun.prepare` on one document of `prepare_document_mb` MB (plus a small one for validation):
+    a tokenizer given a whole long document at once would take gigabytes (issue: 1.8 GB for 30 MB)."""
+    progress(f"speedrun.prepare on a single {sizes.prepare_document_mb:g} MB document")
+    folder = workdir / "prepare_long_document"
+    folder.mkdir(exist_ok=True)
+    documents = [text for _, text in stdlib_documents()]
+    (folder / "0_validation.txt").write_text(documents[0], encoding="utf-8")
+    target = int(sizes.prepare_document_mb * 1e6)
+    with open(folder / "1_long.txt", "w", encoding="utf-8") as f:  # the stdlib's files back to back
+        written = 0
+        for text in itertools.cycle(documents[1:]):
+            if written >= target:
+                break
+            f.write(text)
+            written += len(text.encode())
+    command = [sys.executable, "-m", "speedrun.prepare", "--input", str(folder), "--output",
+               str(workdir / "prepared_long_document"), "--vocab-size", "1024", "--val-docs", "1"]  # fmt: skip
+    label = f"speedrun.prepare peak memory (one {sizes.prepare_document_mb:g} MB document)"
+    peak, _, failure = run_measuring_memory(command, workdir / "prepare_long_document.log")
+    if failure:
+        return [Result(label, None, "MiB", ("<=", 400.0), note=failure)]
+    return [Result(label, peak / 2**20, "MiB", ("<=", 400.0), note="all its processes, sampled every 50 ms")]
+
+
+def run_measuring_memory(command: list[str], log_path: Path) -> tuple[float, float, str | None]:
+    """Run a command; return (peak resident bytes of it and its children, seconds, failure note or None)."""
     start = time.perf_counter()
-    with open(workdir / "prepare.log", "w") as log:
+    with open(log_path, "w") as log:
         proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=cli_env(None))
         peak_bytes = 0
         while proc.poll() is None:
             peak_bytes = max(peak_bytes, tree_rss_bytes(proc.pid))
             time.sleep(0.05)
     seconds = time.perf_counter() - start
-    label = f"speedrun.prepare peak memory ({size / 1e6:.0f} MB JSONL)"
     if proc.returncode != 0:
-        note = f"failed: {last_line((workdir / 'prepare.log').read_text())}"
-        return [Result(label, None, "MiB", ("<=", 1024.0), note=note)]
-    return [
-        Result(
-            label, peak_bytes / 2**20, "MiB", ("<=", 1024.0), note="all its processes, sampled every 50 ms"
-        ),
-        Result(
-            "speedrun.prepare throughput", size / 1e6 / seconds, "MB/s", note="tokenizer training included"
-        ),
-    ]
+        return peak_bytes, seconds, f"failed: {last_line(log_path.read_text())}"
+    return peak_bytes, seconds, None
 
 
 def write_jsonl_corpus(path: Path, size: int) -> int:
@@ -678,7 +712,11 @@ def main(argv: list[str] | None = None) -> int:
             if section == "trainer":
                 results += bench_trainer(sizes, device, workdir)
             elif section == "data":
-                results += bench_data(sizes) + bench_prepare(sizes, workdir)
+                results += (
+                    bench_data(sizes)
+                    + bench_prepare(sizes, workdir)
+                    + bench_prepare_long_document(sizes, workdir)
+                )
             elif section == "eval":
                 results += bench_eval(sizes, device)
             elif section == "cli":

@@ -2,50 +2,17 @@
 
 Bits-per-byte makes runs with different tokenizers comparable: the summed cross-entropy (in
 bits) divided by the UTF-8 bytes of the text the target tokens stand for. The byte count comes
-from three lookup tables over the vocabulary, so it costs one gather per batch on the device.
+from three lookup tables over the vocabulary (each tokenizer kind builds them under its own rules:
+`speedrun.data.tokenizer.TokenBytes`), so it costs one gather per batch on the device.
 """
 
 from __future__ import annotations
 
 import math
-import os
 
-import sentencepiece as spm
 import torch
 import torch.distributed as dist
 from torch import nn
-
-
-def build_byte_luts(
-    sp_or_path: spm.SentencePieceProcessor | str | os.PathLike, vocab_size: int, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(base_bytes int16, has_leading_space bool, is_boundary_token bool), indexed by token id.
-
-    A target token stands for base_bytes[t] bytes, plus one for its leading '▁' (a space)
-    unless the previous token is a boundary (BOS and other control tokens), after which
-    SentencePiece's dummy-prefix space is not part of the text.
-    """
-    sp = sp_or_path
-    if not isinstance(sp, spm.SentencePieceProcessor):
-        sp = spm.SentencePieceProcessor(model_file=str(sp_or_path))
-    sp_vocab_size = int(sp.vocab_size())
-    table_size = max(sp_vocab_size, vocab_size)  # a padded embedding may have ids the tokenizer lacks
-    base_bytes = torch.zeros(table_size, dtype=torch.int16)
-    has_leading_space = torch.zeros(table_size, dtype=torch.bool)
-    is_boundary_token = torch.ones(table_size, dtype=torch.bool)
-    for token_id in range(sp_vocab_size):
-        if sp.is_control(token_id) or sp.is_unknown(token_id) or sp.is_unused(token_id):
-            continue
-        is_boundary_token[token_id] = False
-        if sp.is_byte(token_id):
-            base_bytes[token_id] = 1
-            continue
-        piece = sp.id_to_piece(token_id)
-        if piece.startswith("▁"):
-            has_leading_space[token_id] = True
-            piece = piece[1:]
-        base_bytes[token_id] = len(piece.encode("utf-8"))
-    return base_bytes.to(device), has_leading_space.to(device), is_boundary_token.to(device)
 
 
 def count_target_bytes(
@@ -61,7 +28,7 @@ def count_target_bytes(
 def evaluate(
     model: nn.Module,
     val_tokens: torch.Tensor,
-    luts: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    luts: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,
     *,
     seq_len: int,
     batch_tokens: int,
@@ -69,8 +36,10 @@ def evaluate(
     world_size: int = 1,
     device: torch.device | str,
     autocast_dtype: torch.dtype | None = None,
-) -> tuple[float, float]:
+) -> tuple[float, float | None]:
     """(val_loss in nats/token, val_bpb) over all of val_tokens, summed across ranks.
+
+    Without byte tables (`luts` None: data without a tokenizer) val_bpb is None.
 
     `batch_tokens` is this rank's tokens per forward pass (whole sequences). Each rank scores a
     contiguous share of the `(len - 1) // seq_len` sequences; `model(x, y)` returns the mean loss.
@@ -106,12 +75,15 @@ def evaluate(
             batch_token_count = float(y.numel())
             loss_sum += batch_loss.to(torch.float64) * batch_token_count
             token_count += batch_token_count
-            byte_count += count_target_bytes(x.reshape(-1), y.reshape(-1), luts)
+            if luts is not None:
+                byte_count += count_target_bytes(x.reshape(-1), y.reshape(-1), luts)
     if dist.is_available() and dist.is_initialized():
         for total in (loss_sum, token_count, byte_count):
             dist.all_reduce(total, op=dist.ReduceOp.SUM)
     model.train(was_training)
     val_loss = (loss_sum / token_count).item()
+    if luts is None:
+        return float(val_loss), None
     bits_per_token = val_loss / math.log(2.0)
     tokens_per_byte = token_count.item() / byte_count.item()
     return float(val_loss), float(bits_per_token * tokens_per_byte)

@@ -144,7 +144,8 @@ def build_trainer(config: dict, info: dict, ctx, run_dir: Path):
         # The reference's fast-math knobs: fp32 matmuls (outside autocast) may use TF32.
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    _check_vocab(config, data)
+    if config["model"].get("vocab_size") is not None:
+        data.check_model_vocab(config["model"]["vocab_size"])
     optimizer = instantiate(cfg.optimizer)(protocol.parameter_groups(model))
     schedule = instantiate(cfg.schedule)(max_steps=plan.max_steps, max_wallclock_ms=plan.max_wallclock_ms)
     if ctx.is_main:
@@ -182,17 +183,6 @@ def _plan(config: dict, info: dict, settings, ctx, run_dir: Path, model):
         autocast_dtype=torch.bfloat16 if bf16 else None, flops_per_token=flops_per_token,
         resume_from=None if resume == "never" else Path(resume),
     )  # fmt: skip
-
-
-def _check_vocab(config: dict, data) -> None:
-    """A model whose vocabulary is smaller than the tokenizer's would index out of its embedding."""
-    vocab = data.vocab_size()
-    model_vocab = config["model"].get("vocab_size")
-    if vocab is not None and model_vocab is not None and vocab != model_vocab:
-        raise ValueError(
-            f"model.vocab_size={model_vocab} does not match the tokenizer's vocab {vocab} "
-            f"({data.tokenizer_path()}); set model.vocab_size={vocab}"
-        )
 
 
 def _log_plan(plan, settings, ctx, model) -> None:

@@ -18,26 +18,21 @@ def prepare_data(cfg: DictConfig):
     from hydra.utils import instantiate
 
     data = instantiate(cfg.data)
-    data.prepare()
+    data.prepare(model_vocab_size=cfg.model.get("vocab_size"))
     log.info("data: %s", data.describe())
     return data
 
 
 def check_model(cfg: DictConfig, data) -> object:
     """Build the model on the meta device (shapes only, no memory, no initialisation): its constructor's
-    errors come now, and a tokenizer with more tokens than the model's vocabulary is refused."""
+    errors come now, and a model whose vocabulary cannot hold every token id of the data is refused."""
     import torch
     from hydra.utils import instantiate
 
     with torch.device("meta"):
         model = instantiate(cfg.model)
-    vocab = data.vocab_size() if data is not None else None
-    model_vocab = cfg.model.get("vocab_size")
-    if vocab is not None and model_vocab is not None and vocab != model_vocab:
-        raise ValueError(
-            f"model.vocab_size={model_vocab} does not match the tokenizer's vocab {vocab} "
-            f"({data.tokenizer_path()}); set model.vocab_size={vocab}"
-        )
+    if data is not None and cfg.model.get("vocab_size") is not None:
+        data.check_model_vocab(cfg.model.vocab_size)
     return model
 
 

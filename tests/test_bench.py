@@ -63,11 +63,14 @@ def test_only_runs_the_sections_asked_for(tmp_path: Path, corpus: Path) -> None:
         "loader tokens/s per rank (rank 0 of 8)",
         "speedrun.prepare peak memory (2 MB JSONL)",
         "speedrun.prepare throughput",
+        "speedrun.prepare peak memory (one 1 MB document)",
     ]
     # The prepare run really happened: a tokenizer, shards and memory of its processes were measured.
     prepare = report["results"][2]
     assert prepare["target"] == ["<=", 1024.0] and prepare["value"] > 10, prepare
     assert report["results"][3]["value"] > 0
+    long_document = report["results"][4]
+    assert long_document["target"] == ["<=", 400.0] and long_document["value"] > 10, long_document
 
 
 def test_check_exits_1_only_when_a_measured_target_is_missed() -> None:

@@ -147,7 +147,9 @@ def corrupt_data(corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> list
     tokens = np.memmap(folder / "stdlib_train_000000.bin", dtype=np.uint16, mode="r+", offset=HEADER_BYTES)
     tokens[position] = np.iinfo(np.uint16).max
     tokens.flush()
-    return ["data=shards", f"data.path={folder}", f"data.tokenizer={folder / 'stdlib_1024_bpe.model'}"]
+    # Past the check that refuses such ids before any rank starts (see tests/unchecked_data.py).
+    return ["data=shards", f"data.path={folder}", f"data.tokenizer={folder / 'stdlib_1024_bpe.model'}",
+            "data._target_=tests.unchecked_data.UncheckedShardDataset"]  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------ tests

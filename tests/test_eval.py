@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from speedrun.data.shards import load_shard
-from speedrun.eval import build_byte_luts, count_target_bytes, evaluate
+from speedrun.data.tokenizer_sentencepiece import SentencePieceTokenizer
+from speedrun.eval import count_target_bytes, evaluate
 
 VOCAB = 1024
 BOS = 1
@@ -25,6 +26,12 @@ BOS = 1
 @pytest.fixture(scope="module")
 def sp(stdlib_corpus_dir: Path) -> spm.SentencePieceProcessor:
     return spm.SentencePieceProcessor(model_file=str(stdlib_corpus_dir / "stdlib_1024_bpe.model"))
+
+
+@pytest.fixture(scope="module")
+def luts(stdlib_corpus_dir: Path):
+    tokenizer = SentencePieceTokenizer(stdlib_corpus_dir / "stdlib_1024_bpe.model")
+    return tokenizer.token_bytes().as_tensors(torch.device("cpu"))
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +44,7 @@ def lut_bytes(tokens: np.ndarray, luts) -> int:
     return int(count_target_bytes(t[:-1], t[1:], luts).item())
 
 
-def test_lut_bytes_equal_the_decoded_documents(sp, val_tokens: np.ndarray) -> None:
+def test_lut_bytes_equal_the_decoded_documents(sp, luts, val_tokens: np.ndarray) -> None:
     # Whole documents only: end on the BOS that opens the next one (a BOS target stands for 0 bytes).
     starts = np.flatnonzero(val_tokens == BOS)
     end = starts[starts <= 60_000][-1]
@@ -50,27 +57,26 @@ def test_lut_bytes_equal_the_decoded_documents(sp, val_tokens: np.ndarray) -> No
     for doc in np.split(tokens[1:-1], np.flatnonzero(tokens[1:-1] == BOS)):
         text = sp.decode(doc[doc != BOS].tolist())
         expected += len(text.encode("utf-8")) - text.startswith(" ")
-    assert lut_bytes(tokens, build_byte_luts(sp, VOCAB, torch.device("cpu"))) == expected
+    assert lut_bytes(tokens, luts) == expected
 
 
-def test_leading_space_after_a_boundary_and_byte_fallback(sp) -> None:
+def test_leading_space_after_a_boundary_and_byte_fallback(sp, luts) -> None:
     first, second = " naïve café 🙂 → 42\n", "x = 'λ'  # spaces  kept\n"
     ids = [BOS, *sp.encode(first), BOS, *sp.encode(second)]
     assert sp.decode(ids) == first + second
     assert any(sp.is_byte(i) for i in ids)  # the emoji is spelled in bytes
-    luts = build_byte_luts(sp, VOCAB, torch.device("cpu"))
     assert lut_bytes(np.array(ids), luts) == len(first.encode()) - 1 + len(second.encode())
     # Without the boundary in front, the same leading space counts.
     assert lut_bytes(np.array([BOS, *sp.encode("x"), *sp.encode(first)]), luts) == 1 + len(first.encode())
 
 
-def test_luts_cover_a_padded_vocabulary(stdlib_corpus_dir: Path) -> None:
-    base, space, boundary = build_byte_luts(stdlib_corpus_dir / "stdlib_1024_bpe.model", 1040, "cpu")
+def test_luts_mark_control_tokens_as_boundaries_and_byte_pieces_as_one_byte(luts) -> None:
+    base, space, boundary = luts
     assert base.dtype == torch.int16 and space.dtype == boundary.dtype == torch.bool
-    assert base.shape == space.shape == boundary.shape == (1040,)
-    assert boundary[[0, 1, 2, 3]].all() and boundary[1024:].all() and not boundary[4:1024].any()
+    assert base.shape == space.shape == boundary.shape == (VOCAB,)
+    assert boundary[[0, 1, 2, 3]].all() and not boundary[4:].any()
     assert (base[4:260] == 1).all()  # the 256 byte-fallback tokens
-    assert base[1024:].sum() == 0
+    assert base[[0, 1, 2, 3]].sum() == 0
 
 
 class UniformLogits(nn.Module):
@@ -83,9 +89,8 @@ class UniformLogits(nn.Module):
         return F.cross_entropy(logits, y.reshape(-1))
 
 
-def test_uniform_logits_give_ln_vocab(sp, val_tokens: np.ndarray) -> None:
+def test_uniform_logits_give_ln_vocab(luts, val_tokens: np.ndarray) -> None:
     tokens = torch.from_numpy(val_tokens[: 20 * 64 + 1])
-    luts = build_byte_luts(sp, VOCAB, torch.device("cpu"))
     loss, bpb = evaluate(UniformLogits(VOCAB), tokens, luts, seq_len=64, batch_tokens=3 * 64, device="cpu")
     assert loss == pytest.approx(math.log(VOCAB), rel=1e-6)
     assert bpb == pytest.approx(math.log2(VOCAB) * 20 * 64 / lut_bytes(tokens.numpy(), luts), rel=1e-6)
@@ -108,19 +113,17 @@ def direct_loss(model: nn.Module, tokens: torch.Tensor) -> float:
 
 
 @pytest.mark.parametrize("batch_tokens", [32, 7 * 32, 10_000])
-def test_loss_is_the_mean_over_all_targets_whatever_the_batch(sp, val_tokens, batch_tokens: int) -> None:
+def test_loss_is_the_mean_over_all_targets_whatever_the_batch(luts, val_tokens, batch_tokens: int) -> None:
     tokens = torch.from_numpy(val_tokens[: 23 * 32 + 1].astype(np.uint16))  # uint16, as load_val_tokens gives
     model = Bigram()
-    luts = build_byte_luts(sp, VOCAB, torch.device("cpu"))
     loss, bpb = evaluate(model, tokens, luts, seq_len=32, batch_tokens=batch_tokens, device="cpu")
     expected = direct_loss(model, tokens.long())
     assert loss == pytest.approx(expected, rel=1e-6)
     assert bpb == pytest.approx(expected / math.log(2) * 23 * 32 / lut_bytes(val_tokens[: 23 * 32 + 1], luts))
 
 
-def test_model_mode_is_restored_and_bad_batch_refused(sp, val_tokens) -> None:
+def test_model_mode_is_restored_and_bad_batch_refused(luts, val_tokens) -> None:
     tokens = torch.from_numpy(val_tokens[:129])
-    luts = build_byte_luts(sp, VOCAB, torch.device("cpu"))
     model = Bigram()
     for training in (True, False):
         model.train(training)
@@ -150,9 +153,8 @@ def _rank_worker(rank: int, world_size: int, folder: Path, tokens: torch.Tensor,
         dist.destroy_process_group()
 
 
-def test_two_ranks_agree_with_one(sp, val_tokens, tmp_path: Path) -> None:
+def test_two_ranks_agree_with_one(luts, val_tokens, tmp_path: Path) -> None:
     tokens = torch.from_numpy(val_tokens[: 13 * 32 + 1])  # 13 sequences: an uneven split
-    luts = build_byte_luts(sp, VOCAB, torch.device("cpu"))
     single = evaluate(Bigram(), tokens, luts, seq_len=32, batch_tokens=64, device="cpu")
     mp.spawn(_rank_worker, args=(2, tmp_path, tokens, luts), nprocs=2)
     results = [tuple(json.loads((tmp_path / f"rank{rank}.json").read_text())) for rank in range(2)]

@@ -2,7 +2,9 @@
 
 The fake serves what hf_hub_download asks for: HEAD/GET {endpoint}/datasets/{repo}/resolve/{revision}/{path}
 with X-Repo-Commit, ETag and Content-Length, and 404 + X-Error-Code: EntryNotFound for missing files. The real
-huggingface_hub client runs in a real subprocess with HF_ENDPOINT pointing at it.
+huggingface_hub client runs in a real subprocess with HF_ENDPOINT pointing at it. Every case runs for both
+layouts: parameter-golf's export (sp1024: a manifest, a tokenizer, shards under datasets/) and
+modded-nanogpt's GPT-2 tokens (gpt2: shards at the repo's root, train shards numbered from 1).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import sys
 import sysconfig
 import threading
 from collections.abc import Iterator
+from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import unquote, urlparse
@@ -24,12 +27,38 @@ import pytest
 
 from speedrun.config import compose
 from speedrun.data.shards import list_shards, read_shard_header, write_shard
-from speedrun.data.tokenizer import train_sentencepiece
+from speedrun.data.tokenizer_sentencepiece import train_sentencepiece
+from tests.conftest import read_summary, run_train
 
 REPO = Path(__file__).resolve().parent.parent
-REPO_ID = "someone/parameter-golf"
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
-DATASET = "datasets/datasets/fineweb10B_sp1024"
+
+
+@dataclass(frozen=True)
+class Layout:
+    """One variant's published layout, and where its files land."""
+
+    variant: str
+    repo_id: str
+    remote_dir: str  # the shards' folder in the repo
+    config: str  # the data option that reads them
+    train_indices: tuple[int, ...]  # the train shards the fake hub holds, in order
+
+    def remote(self, name: str) -> str:
+        return f"{self.remote_dir}/{name}" if self.remote_dir else name
+
+    def train_name(self, position: int) -> str:
+        return f"fineweb_train_{self.train_indices[position]:06d}.bin"
+
+    @property
+    def local_dir(self) -> str:
+        return f"data/datasets/fineweb10B_{self.variant}"
+
+
+SP1024 = Layout(
+    "sp1024", "someone/parameter-golf", "datasets/datasets/fineweb10B_sp1024", "fineweb_sp1024", (0, 1, 2)
+)
+GPT2 = Layout("gpt2", "someone/fineweb10B-gpt2", "", "fineweb_gpt2", (1, 2, 3))
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -37,9 +66,10 @@ pytestmark = pytest.mark.timeout(120)
 class FakeHub(ThreadingHTTPServer):
     daemon_threads = True
 
-    def __init__(self, files: dict[str, bytes]) -> None:
+    def __init__(self, files: dict[str, bytes], repo_id: str) -> None:
         super().__init__(("127.0.0.1", 0), _Handler)
         self.files = files
+        self.repo_id = repo_id
         self.requests: list[tuple[str, str]] = []
         self.cut_once: set[str] = set()  # GET sends half the body, then drops the connection (once)
         self.stall: str | None = None  # GET sends half the body, then waits for `release`
@@ -64,7 +94,7 @@ class _Handler(BaseHTTPRequestHandler):
     def _serve(self, send_body: bool) -> None:
         path = unquote(urlparse(self.path).path)
         self.server.requests.append((self.command, path))
-        prefix = f"/datasets/{REPO_ID}/resolve/main/"
+        prefix = f"/datasets/{self.server.repo_id}/resolve/main/"
         name = path.removeprefix(prefix)
         if not path.startswith(prefix) or name not in self.server.files:
             self.send_response(404)
@@ -121,37 +151,45 @@ def tokenizer_files(tmp_path_factory) -> dict[str, bytes]:
     }
 
 
+@pytest.fixture(params=[SP1024, GPT2], ids=["sp1024", "gpt2"])
+def layout(request) -> Layout:
+    return request.param
+
+
 @pytest.fixture
-def hub_files(tokenizer_files, tmp_path_factory) -> dict[str, bytes]:
-    """The published layout: the export under datasets/, with parameter-golf's manifest schema."""
-    manifest = {
-        "datasets": [
-            {
-                "name": "fineweb10B_sp1024",
-                "tokenizer_name": "sp_bpe_1024",
-                "stats": {"files_train": 3, "files_val": 2},
-            }
-        ],
-        "tokenizers": [
-            {
-                "name": "sp_bpe_1024",
-                "model_path": "tokenizers/fineweb_1024_bpe.model",
-                "vocab_path": "tokenizers/fineweb_1024_bpe.vocab",
-            }
-        ],
-    }
-    files = {"datasets/manifest.json": json.dumps(manifest).encode(), **tokenizer_files}
+def hub_files(layout, tokenizer_files, tmp_path_factory) -> dict[str, bytes]:
+    """The published layout: parameter-golf's export under datasets/ with its manifest schema, or
+    modded-nanogpt's shards at the repo's root (one val shard, train shards from 1)."""
     folder = tmp_path_factory.mktemp("shards")
-    for i in range(2):
-        files[f"{DATASET}/fineweb_val_{i:06d}.bin"] = shard_bytes(folder, 100 + i)
-    for i in range(3):
-        files[f"{DATASET}/fineweb_train_{i:06d}.bin"] = shard_bytes(folder, i)
+    files: dict[str, bytes] = {}
+    if layout is SP1024:
+        manifest = {
+            "datasets": [
+                {
+                    "name": "fineweb10B_sp1024",
+                    "tokenizer_name": "sp_bpe_1024",
+                    "stats": {"files_train": 3, "files_val": 2},
+                }
+            ],
+            "tokenizers": [
+                {
+                    "name": "sp_bpe_1024",
+                    "model_path": "tokenizers/fineweb_1024_bpe.model",
+                    "vocab_path": "tokenizers/fineweb_1024_bpe.vocab",
+                }
+            ],
+        }
+        files = {"datasets/manifest.json": json.dumps(manifest).encode(), **tokenizer_files}
+    for i in range(2 if layout is SP1024 else 1):
+        files[layout.remote(f"fineweb_val_{i:06d}.bin")] = shard_bytes(folder, 100 + i)
+    for i in layout.train_indices:
+        files[layout.remote(f"fineweb_train_{i:06d}.bin")] = shard_bytes(folder, i)
     return files
 
 
 @pytest.fixture
-def hub(hub_files) -> Iterator[FakeHub]:
-    server = FakeHub(hub_files)
+def hub(hub_files, layout) -> Iterator[FakeHub]:
+    server = FakeHub(hub_files, layout.repo_id)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     yield server
@@ -161,8 +199,9 @@ def hub(hub_files) -> Iterator[FakeHub]:
     thread.join(timeout=10)
 
 
-def fetch_command(*args: str) -> list[str]:
-    return [sys.executable, "-m", "speedrun.data.fineweb", "--repo-id", REPO_ID, *args]
+def fetch_command(layout: Layout, *args: str) -> list[str]:
+    return [sys.executable, "-m", "speedrun.data.fineweb", "--variant", layout.variant,
+            "--repo-id", layout.repo_id, *args]  # fmt: skip
 
 
 def hub_env(hub: FakeHub, tmp_path: Path) -> dict:
@@ -180,9 +219,9 @@ def hub_env(hub: FakeHub, tmp_path: Path) -> dict:
     return env
 
 
-def run_fetch(hub: FakeHub, tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+def run_fetch(hub: FakeHub, layout: Layout, tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        fetch_command(*args),
+        fetch_command(layout, *args),
         cwd=tmp_path,
         env=hub_env(hub, tmp_path),
         capture_output=True,
@@ -191,78 +230,83 @@ def run_fetch(hub: FakeHub, tmp_path: Path, *args: str) -> subprocess.CompletedP
     )
 
 
+def resolve_path(layout: Layout, name: str) -> str:
+    return f"/datasets/{layout.repo_id}/resolve/main/{layout.remote(name)}"
+
+
 def error_line(stderr: str) -> str:
     lines = stderr.strip().splitlines()
     assert [line for line in lines if line.startswith("error:")] == [lines[-1]], stderr
     return lines[-1]
 
 
-def test_fetch_lays_out_what_the_fineweb_config_reads_and_a_rerun_skips_everything(hub, hub_files, tmp_path):
-    proc = run_fetch(hub, tmp_path, "--variant", "sp1024", "--train-shards", "2")
+def test_fetch_lays_out_what_the_data_config_reads_and_a_rerun_skips_everything(
+    hub, hub_files, layout, tmp_path
+):
+    proc = run_fetch(hub, layout, tmp_path, "--train-shards", "2")
     assert proc.returncode == 0, proc.stderr
 
-    config = compose(["data=fineweb_sp1024"]).data
-    dataset_dir, tokenizer = tmp_path / config["path"], tmp_path / config["tokenizer"]
-    assert tokenizer.read_bytes() == hub_files["datasets/tokenizers/fineweb_1024_bpe.model"]
-    assert tokenizer.with_suffix(".vocab").is_file()
-    assert [p.name for p in list_shards(dataset_dir, "val")] == [
-        "fineweb_val_000000.bin",
-        "fineweb_val_000001.bin",
-    ]
-    assert [p.name for p in list_shards(dataset_dir, "train")] == [
-        "fineweb_train_000000.bin",
-        "fineweb_train_000001.bin",
-    ]
+    config = compose([f"data={layout.config}"]).data
+    dataset_dir = tmp_path / config["path"]
+    assert config["path"] == layout.local_dir
+    val_names = ["fineweb_val_000000.bin", "fineweb_val_000001.bin"][: 2 if layout is SP1024 else 1]
+    assert [p.name for p in list_shards(dataset_dir, "val")] == val_names
+    assert [p.name for p in list_shards(dataset_dir, "train")] == [layout.train_name(0), layout.train_name(1)]
     for path in [*list_shards(dataset_dir, "val"), *list_shards(dataset_dir, "train")]:
-        assert path.read_bytes() == hub_files[f"{DATASET}/{path.name}"]
-    assert (
-        json.loads((tmp_path / "data" / "manifest.json").read_text())["datasets"][0]["name"]
-        == "fineweb10B_sp1024"
-    )
+        assert path.read_bytes() == hub_files[layout.remote(path.name)]
+    if layout is SP1024:
+        tokenizer = tmp_path / config["tokenizer"]
+        assert tokenizer.read_bytes() == hub_files["datasets/tokenizers/fineweb_1024_bpe.model"]
+        assert tokenizer.with_suffix(".vocab").is_file()
+        assert (
+            json.loads((tmp_path / "data" / "manifest.json").read_text())["datasets"][0]["name"]
+            == "fineweb10B_sp1024"
+        )
+    else:
+        assert config["tokenizer"] is None and config["val_tokens"] == 10_485_760
+        assert sorted(p.name for p in (tmp_path / "data").rglob("*") if p.is_file()) == sorted(
+            val_names + [layout.train_name(0), layout.train_name(1)]
+        ), "no manifest, no tokenizer: only the shards"
+        assert "data.tokenizer=gpt2" in proc.stderr
     assert not (tmp_path / "data" / ".fineweb-download").exists(), "staging is cleaned up after success"
-    assert ("GET", f"/datasets/{REPO_ID}/resolve/main/{DATASET}/fineweb_train_000002.bin") not in hub.requests
+    assert ("GET", resolve_path(layout, layout.train_name(2))) not in hub.requests
 
     hub.requests.clear()
-    again = run_fetch(hub, tmp_path, "--variant", "sp1024", "--train-shards", "2")
+    again = run_fetch(hub, layout, tmp_path, "--train-shards", "2")
     assert again.returncode == 0, again.stderr
     assert hub.requests == [], "complete files are recognised locally, without asking the hub"
-    assert again.stderr.count(": already complete\n") == 6, "2 tokenizer files, 2 val and 2 train shards"
+    expected = 6 if layout is SP1024 else 3  # sp1024: 2 tokenizer files, 2 val and 2 train shards
+    assert again.stderr.count(": already complete\n") == expected
 
     # A local shard damaged after the fact is noticed and fetched again, alone.
-    damaged = dataset_dir / "fineweb_train_000001.bin"
+    damaged = dataset_dir / layout.train_name(1)
     damaged.write_bytes(damaged.read_bytes()[:-2])
     hub.requests.clear()
-    third = run_fetch(hub, tmp_path, "--variant", "sp1024", "--train-shards", "2")
+    third = run_fetch(hub, layout, tmp_path, "--train-shards", "2")
     assert third.returncode == 0, third.stderr
     assert (
         f"{damaged.relative_to(tmp_path)}: size" in third.stderr and "; downloading it again" in third.stderr
     )
-    assert {path for _, path in hub.requests} == {
-        f"/datasets/{REPO_ID}/resolve/main/{DATASET}/{damaged.name}"
-    }
-    assert damaged.read_bytes() == hub_files[f"{DATASET}/{damaged.name}"]
+    assert {path for _, path in hub.requests} == {resolve_path(layout, damaged.name)}
+    assert damaged.read_bytes() == hub_files[layout.remote(damaged.name)]
 
 
 @pytest.mark.parametrize("damage", ["empty", "truncated"])
-def test_a_broken_shard_on_the_hub_is_retried_once_then_reported_and_not_kept(hub, tmp_path, damage):
-    name = f"{DATASET}/fineweb_train_000001.bin"
+def test_a_broken_shard_on_the_hub_is_retried_once_then_reported_and_not_kept(hub, layout, tmp_path, damage):
+    name = layout.train_name(1)
     # Zero-byte files are a known failure of the published dataset; a truncated one has a valid header.
-    hub.files[name] = b"" if damage == "empty" else hub.files[name][:-100]
-    proc = run_fetch(hub, tmp_path, "--train-shards", "3")
+    remote = layout.remote(name)
+    hub.files[remote] = b"" if damage == "empty" else hub.files[remote][:-100]
+    proc = run_fetch(hub, layout, tmp_path, "--train-shards", "3")
     assert proc.returncode == 1
     line = error_line(proc.stderr)
-    assert "fineweb_train_000001.bin" in line and "rerun" in line
+    assert name in line and "rerun" in line and layout.repo_id in line
     assert ("0 bytes is shorter" if damage == "empty" else "does not match its header") in line
     assert "retrying once" in proc.stderr
-    assert hub.requests.count(("HEAD", f"/datasets/{REPO_ID}/resolve/main/{name}")) == 2, "two attempts"
-    dataset_dir = tmp_path / "data" / "datasets" / "fineweb10B_sp1024"
-    assert [p.name for p in list_shards(dataset_dir, "train")] == [
-        "fineweb_train_000000.bin",
-        "fineweb_train_000002.bin",
-    ]
-    assert list((tmp_path / "data").rglob("fineweb_train_000001.bin")) == [], (
-        "the broken download was deleted"
-    )
+    assert hub.requests.count(("HEAD", resolve_path(layout, name))) == 2, "two attempts"
+    dataset_dir = tmp_path / layout.local_dir
+    assert [p.name for p in list_shards(dataset_dir, "train")] == [layout.train_name(0), layout.train_name(2)]
+    assert list((tmp_path / "data").rglob(name)) == [], "the broken download was deleted"
 
 
 def _rejected(path: Path) -> bool:
@@ -273,21 +317,23 @@ def _rejected(path: Path) -> bool:
     return False
 
 
-def test_a_connection_dropped_mid_body_ends_with_an_intact_shard(hub, hub_files, tmp_path):
-    name = f"{DATASET}/fineweb_val_000001.bin"
-    hub.cut_once.add(name)
-    proc = run_fetch(hub, tmp_path, "--train-shards", "1")
+def test_a_connection_dropped_mid_body_ends_with_an_intact_shard(hub, hub_files, layout, tmp_path):
+    name = "fineweb_val_000000.bin"
+    hub.cut_once.add(layout.remote(name))
+    proc = run_fetch(hub, layout, tmp_path, "--train-shards", "1")
     assert proc.returncode == 0, proc.stderr
-    assert hub.requests.count(("GET", f"/datasets/{REPO_ID}/resolve/main/{name}")) == 2, "one cut, one resume"
-    local = tmp_path / "data" / "datasets" / "fineweb10B_sp1024" / "fineweb_val_000001.bin"
-    assert local.read_bytes() == hub_files[name]
+    assert hub.requests.count(("GET", resolve_path(layout, name))) == 2, "one cut, one resume"
+    local = tmp_path / layout.local_dir / name
+    assert local.read_bytes() == hub_files[layout.remote(name)]
 
 
-def test_a_killed_download_leaves_nothing_the_loader_accepts_and_a_rerun_completes(hub, hub_files, tmp_path):
-    name = f"{DATASET}/fineweb_train_000000.bin"
+def test_a_killed_download_leaves_nothing_the_loader_accepts_and_a_rerun_completes(
+    hub, hub_files, layout, tmp_path
+):
+    name = layout.remote(layout.train_name(0))
     hub.stall = name
     proc = subprocess.Popen(
-        fetch_command("--train-shards", "1"),
+        fetch_command(layout, "--train-shards", "1"),
         cwd=tmp_path,
         env=hub_env(hub, tmp_path),
         stdout=subprocess.DEVNULL,
@@ -299,7 +345,7 @@ def test_a_killed_download_leaves_nothing_the_loader_accepts_and_a_rerun_complet
         proc.kill()
         proc.wait(timeout=30)
     hub.release.set()
-    dataset_dir = tmp_path / "data" / "datasets" / "fineweb10B_sp1024"
+    dataset_dir = tmp_path / layout.local_dir
     assert list_shards(dataset_dir, "train") == []
     # The killed client's temporary file is there (the download really was cut mid-body) under a name no
     # loader globs for; no file anywhere under data/ looks like a train shard.
@@ -307,21 +353,32 @@ def test_a_killed_download_leaves_nothing_the_loader_accepts_and_a_rerun_complet
     assert list((tmp_path / "data").rglob("*_train_[0-9]*.bin")) == []
 
     hub.stall = None
-    again = run_fetch(hub, tmp_path, "--train-shards", "1")
+    again = run_fetch(hub, layout, tmp_path, "--train-shards", "1")
     assert again.returncode == 0, again.stderr
-    assert (dataset_dir / "fineweb_train_000000.bin").read_bytes() == hub_files[name]
+    assert (dataset_dir / layout.train_name(0)).read_bytes() == hub_files[name]
     assert not (tmp_path / "data" / ".fineweb-download").exists(), "the killed run's partial file is gone"
 
 
-def test_asking_for_more_train_shards_than_published_is_a_usage_error(hub, tmp_path):
-    proc = run_fetch(hub, tmp_path, "--train-shards", "4")
+def test_asking_for_more_train_shards_than_published_is_a_usage_error(hub, layout, tmp_path):
+    # parameter-golf's manifest says 3 here; modded-nanogpt publishes 103 (no manifest to ask).
+    asked, message = (
+        (4, "fineweb10B_sp1024 has only 3 train shards")
+        if layout is SP1024
+        else (104, "fineweb10B_gpt2 has 103 train shards")
+    )
+    proc = run_fetch(hub, layout, tmp_path, "--train-shards", str(asked))
     assert proc.returncode == 2
-    assert "--train-shards 4: fineweb10B_sp1024 has only 3 train shards" in error_line(proc.stderr)
+    assert f"--train-shards {asked}: {message}" in error_line(proc.stderr)
     assert not (tmp_path / "data" / "datasets").exists()
 
 
+@pytest.mark.parametrize("layout", [SP1024], ids=["sp1024"])
 def test_a_variant_missing_from_the_manifest_is_named(hub, tmp_path):
-    proc = run_fetch(hub, tmp_path, "--variant", "sp4096", "--train-shards", "1")
+    proc = subprocess.run(
+        [sys.executable, "-m", "speedrun.data.fineweb", "--repo-id", SP1024.repo_id, "--variant", "sp4096",
+         "--train-shards", "1"],
+        cwd=tmp_path, env=hub_env(hub, tmp_path), capture_output=True, text=True, timeout=90,
+    )  # fmt: skip
     assert proc.returncode == 2
     assert "fineweb10B_sp4096 is not in" in error_line(proc.stderr) and "fineweb10B_sp1024" in error_line(
         proc.stderr
@@ -341,3 +398,39 @@ def test_without_huggingface_hub_the_error_says_what_to_install(tmp_path):
     assert (
         error_line(proc.stderr) == "error: huggingface_hub is not installed; pip install 'speedrun[fineweb]'"
     )
+
+
+@pytest.mark.parametrize("layout", [GPT2], ids=["gpt2"])
+@pytest.mark.parametrize(
+    ("args", "code", "message"),
+    [
+        (["--variant", "bogus", "--train-shards", "1"], 2, "--variant 'bogus' is neither gpt2 nor"),
+        (["--variant", "gpt2", "--train-shards", "-1"], 2, "--train-shards: must be 0 or more"),
+        (
+            ["--variant", "gpt2", "--train-shards", "1", "--data-dir", "a_file"],
+            2,
+            "--data-dir a_file is a file",
+        ),
+    ],
+)
+def test_bad_input_is_one_error_line(hub, tmp_path, args, code, message):
+    (tmp_path / "a_file").write_text("not a folder")
+    proc = subprocess.run(
+        [sys.executable, "-m", "speedrun.data.fineweb", "--repo-id", GPT2.repo_id, *args],
+        cwd=tmp_path, env=hub_env(hub, tmp_path), capture_output=True, text=True, timeout=90,
+    )  # fmt: skip
+    assert proc.returncode == code
+    assert message in error_line(proc.stderr) and "Traceback" not in proc.stderr, proc.stderr
+
+
+@pytest.mark.parametrize("layout", [GPT2], ids=["gpt2"])
+def test_modded_nanogpts_data_trains_with_val_loss_and_a_null_val_bpb(hub, layout, tmp_path):
+    """The GPT-2 layout as fetched, through the real CLI with data=fineweb_gpt2: no tokenizer, so the run
+    reports val_loss and a null val_bpb, with modded-nanogpt's padded vocabulary (50,304 rows)."""
+    assert run_fetch(hub, layout, tmp_path, "--train-shards", "2").returncode == 0
+    run_dir = tmp_path / "run"
+    run_train(run_dir, "data=fineweb_gpt2", f"data.path={tmp_path / layout.local_dir}", "model.vocab_size=50304",
+              "trainer.max_steps=3", "trainer.export=false")  # fmt: skip
+    summary = read_summary(run_dir)
+    assert summary["status"] == "completed" and summary["val_bpb"] is None and summary["val_loss"] > 0
+    assert "no data.tokenizer: val_bpb will be null" in (run_dir / "train.log").read_text()

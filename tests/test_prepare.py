@@ -2,20 +2,30 @@
 
 from __future__ import annotations
 
+import base64
+import fcntl
 import gzip
 import json
 import os
+import pty
 import random
+import signal
+import struct
 import subprocess
 import sys
+import termios
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from speedrun.data.prepare import main
 from speedrun.data.shards import list_shards, load_shard
-from speedrun.data.tokenizer import encode_documents, load_sentencepiece, train_sentencepiece
+from speedrun.data.tokenizer import encode_documents
+from speedrun.data.tokenizer_sentencepiece import SentencePieceTokenizer, train_sentencepiece
 from tests.conftest import cli_env, read_summary, run_train
 
 REPO = Path(__file__).resolve().parent.parent
@@ -49,7 +59,7 @@ def read_split(folder: Path, split: str) -> np.ndarray:
 
 def decode_docs(folder: Path, split: str) -> list[str]:
     """Cut a split's token stream at BOS and decode each document."""
-    sp = load_sentencepiece(folder / "tokenizer.model")
+    sp = SentencePieceTokenizer(folder / "tokenizer.model").processor
     tokens = read_split(folder, split).astype(np.int64)
     starts = np.flatnonzero(tokens == sp.bos_id())
     assert starts[0] == 0, "every split starts with a document's BOS"
@@ -81,13 +91,14 @@ def docs() -> list[str]:
 def test_tokenizer_round_trips_text_exactly(tmp_path, docs):
     model = train_sentencepiece(docs, tmp_path / "tok", 300, threads=1)
     assert model == tmp_path / "tok.model" and (tmp_path / "tok.vocab").is_file()
-    sp = load_sentencepiece(model)
+    tokenizer = SentencePieceTokenizer(model)
+    sp = tokenizer.processor
     assert (sp.get_piece_size(), sp.pad_id(), sp.bos_id(), sp.eos_id(), sp.unk_id()) == (300, 0, 1, 2, 3)
     # Identity normalization, no whitespace collapsing, byte fallback: nothing is lost or rewritten.
     text = "  def f(x):\n\t\treturn  x  # é 中文 🙂 ＡＢＣ 12345\n\n"
     assert sp.decode(sp.encode(text)) == text
     assert all(len(piece.strip("▁")) <= 1 for piece in sp.encode("12345", out_type=str)), "digits are split"
-    tokens = encode_documents(sp, ["ka lo", "mi"])
+    tokens = encode_documents(tokenizer, ["ka lo", "mi"])
     assert tokens.dtype == np.uint16
     assert tokens.tolist() == [1, *sp.encode("ka lo"), 1, *sp.encode("mi")]
 
@@ -314,3 +325,131 @@ def test_a_prepared_corpus_trains_through_the_cli(tmp_path, docs):
     summary = read_summary(run_dir)
     assert summary["status"] == "completed" and summary["steps"] == 6
     assert "prepared" in (run_dir / "train.log").read_text()
+
+
+# --- any tokenizer, stops, progress -------------------------------------------------------------------------
+
+
+def _big_tiktoken(path: Path) -> None:
+    """A rank file whose vocabulary (with <|endoftext|>) is 65,537 tokens: one more than uint16 holds."""
+    pairs = [bytes([a, b]) for a in range(256) for b in range(256)]
+    tokens = [bytes([b]) for b in range(256)] + pairs[: 65536 - 256]  # 65,536 ranks, then <|endoftext|>
+    path.write_bytes(b"".join(base64.b64encode(t) + b" %d\n" % i for i, t in enumerate(tokens)))
+
+
+def _json_without_start_token(path: Path) -> None:
+    tokenizer = HFTokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+    )
+    tokenizer.train_from_iterator(["ka lo mi ne"], trainer)
+    tokenizer.save(str(path))
+
+
+@pytest.mark.parametrize(
+    ("args", "setup", "message"),
+    [
+        (["--tokenizer", "{tmp}/big.tiktoken"], lambda tmp: _big_tiktoken(tmp / "big.tiktoken"),
+         "has 65,537 tokens; uint16 shards hold at most 65,536"),
+        (["--tokenizer", "{tmp}/nostart.json"], lambda tmp: _json_without_start_token(tmp / "nostart.json"),
+         "has no token to open documents with"),
+        (["--tokenizer", "{tmp}/tok.txt"], lambda tmp: (tmp / "tok.txt").write_text("x"),
+         "unknown kind; give a SentencePiece .model"),
+        (["--tokenizer", "gpt2"], None,
+         "GPT-2's tokenizer is not available offline: put vocab.bpe and encoder.json"),
+        (["--train", "bytelevel", "--vocab-size", "200"], None, "vocab 200 is too small for a byte-level BPE"),
+        (["--vocab-size", "300", "--output", "{tmp}/a_file/out"], lambda tmp: (tmp / "a_file").write_text("x"),
+         "a_file/out"),
+    ],
+)  # fmt: skip
+def test_any_tokenizer_that_cannot_make_shards_is_one_error_line(tmp_path, docs, args, setup, message):
+    args = [a.format(tmp=tmp_path) for a in args]
+    if setup is not None:
+        setup(tmp_path)
+    output = [] if "--output" in args else ["--output", str(tmp_path / "out")]
+    proc = subprocess.run(
+        [sys.executable, "-m", "speedrun.prepare", "--input", str(write_jsonl(tmp_path / "c.jsonl", docs)),
+         *output, "--workers", "1", "--val-docs", "5", *args],
+        cwd=REPO, env=cli_env(SPEEDRUN_CACHE=str(tmp_path / "cache")), capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode in (1, 2) and "Traceback" not in proc.stderr, proc.stderr
+    assert message in error_line(proc.stderr)
+    assert not list(tmp_path.rglob("*_train_*.bin")) and not list(tmp_path.rglob("manifest.json"))
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (
+            ["--tokenizer", "x.model", "--train", "bytelevel"],
+            "argument --train: not allowed with argument --tokenizer",
+        ),
+        (["--vocab-size", "70000"], "--vocab-size 70000 does not fit uint16 shards (at most 65536)"),
+        (["--vocab-size", "300", "--train", "wordpiece"], "argument --train: invalid choice: 'wordpiece'"),
+    ],
+)
+def test_usage_errors_about_tokenizers_are_one_line(capsys, tmp_path, args, message):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--input", str(tmp_path), "--output", str(tmp_path / "o"), *args])
+    assert exit_info.value.code == 2
+    assert message in error_line(capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_stop_signal_cleans_up_like_ctrl_c(tmp_path, signum):
+    """SIGTERM (a scheduler, `kill`) and Ctrl-C both leave no staged shards, no shards and no manifest."""
+    corpus = write_jsonl(tmp_path / "c.jsonl", make_docs(30_000, seed=1))
+    tokenizer = train_sentencepiece(make_docs(300), tmp_path / "tok", 300, threads=1)
+    out = tmp_path / "out"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "speedrun.prepare", "--input", str(corpus), "--output", str(out), "--tokenizer",
+         str(tokenizer), "--workers", "1", "--val-docs", "10", "--shard-tokens", "2000"],
+        cwd=REPO, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    staging = out / ".prepare-partial"
+    deadline = time.monotonic() + 60
+    while not list(staging.glob("*_train_*.bin")):  # encoding has begun: shards are being staged
+        assert proc.poll() is None and time.monotonic() < deadline, "prepare ended before it could be stopped"
+        time.sleep(0.02)
+    proc.send_signal(signum)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signum
+    assert error_line(stderr) in (
+        "error: terminated (SIGTERM); no shards were written",
+        "error: interrupted; no shards were written",
+    )
+    assert "Traceback" not in stderr
+    assert not staging.exists() and not list_shards(out, "train") and not (out / "manifest.json").exists()
+
+
+def test_progress_is_a_live_bar_on_a_terminal_and_plain_lines_otherwise(tmp_path, docs):
+    corpus = write_jsonl(tmp_path / "c.jsonl", docs)
+    command = [sys.executable, "-m", "speedrun.prepare", "--input", str(corpus), "--vocab-size", "300",
+               "--workers", "1", "--val-docs", "5"]  # fmt: skip
+    piped = subprocess.run([*command, "--output", str(tmp_path / "piped")], cwd=REPO, env=cli_env(),
+                           capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert piped.returncode == 0, piped.stderr
+    bar_lines = [line for line in piped.stderr.splitlines() if line.startswith("encoding:")]
+    assert bar_lines and "\r" not in piped.stderr and "\x1b" not in piped.stderr
+    assert "100%" in bar_lines[-1] and f"{len(docs)} docs" in bar_lines[-1]
+
+    controller, terminal = pty.openpty()
+    fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))  # a 120-column terminal
+    proc = subprocess.Popen([*command, "--output", str(tmp_path / "tty")], cwd=REPO, env=cli_env(),
+                            stdout=subprocess.DEVNULL, stderr=terminal)  # fmt: skip
+    os.close(terminal)
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(controller, 4096)
+        except OSError:  # the terminal closed: the process is gone
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(controller)
+    assert proc.wait(timeout=120) == 0
+    shown = b"".join(chunks).decode()
+    assert "\rencoding:" in shown and "100%|" in shown, "redrawn in place, with a bar"

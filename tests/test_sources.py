@@ -74,7 +74,10 @@ def test_shard_dataset_errors_name_the_path_and_the_fix(folder: Path) -> None:
             path=str(folder), tokenizer=str(folder / "tok.model"), train_pattern="x_train_*.bin"
         ).prepare()
     (folder / "bad.model").write_text("not a model")
-    with pytest.raises(DataError, match="bad.model is not a SentencePiece model"):
+    with pytest.raises(
+        DataError,
+        match="data.tokenizer: tokenizer .*bad.model is not a SentencePiece .model file.*speedrun.prepare",
+    ):
         ShardDataset(path=str(folder), tokenizer=str(folder / "bad.model")).prepare()
     corrupt = folder / "my_val_000001.bin"
     corrupt.write_bytes(corrupt.read_bytes()[:-2])

@@ -29,7 +29,11 @@ BOS = 1
 
 def test_default_cache_follows_speedrun_cache(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.delenv("SPEEDRUN_CACHE", raising=False)
-    assert default_cache_dir(512).parts[-3:] == (".cache", "speedrun", f"stdlib_v{BUILD_VERSION}_512")
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # the user's cache folder, never the source tree
+    assert (
+        default_cache_dir(512) == tmp_path / "home" / ".cache" / "speedrun" / f"stdlib_v{BUILD_VERSION}_512"
+    )
     monkeypatch.setenv("SPEEDRUN_CACHE", str(tmp_path))
     assert default_cache_dir() == tmp_path / f"stdlib_v{BUILD_VERSION}_1024"
 

@@ -124,26 +124,49 @@ class StdlibDataConfig:
 
 @dataclass
 class ShardDataConfig:
-    """Any folder prepared by `python -m speedrun.prepare` (or laid out the same way)."""
+    """Any folder prepared by `python -m speedrun.prepare` (or laid out the same way).
+
+    `tokenizer`: a SentencePiece `.model`, a tiktoken `.tiktoken` rank file, a Hugging Face `.json`,
+    `gpt2`, or null (no tokenizer: val_loss only, val_bpb null).
+    """
 
     _target_: str = "speedrun.data.ShardDataset"
     path: str = MISSING
-    tokenizer: str = MISSING
+    tokenizer: str | None = None
     seq_len: int = 1024
     val_tokens: int = 0
     train_pattern: str = "*_train_*.bin"
     val_pattern: str = "*_val_*.bin"
+    # Evaluate with a tokenizer other than the one the folder's manifest.json records (val_bpb then
+    # measures something else: not comparable with runs that used the recorded one).
+    allow_tokenizer_mismatch: bool = False
 
 
 @dataclass
 class FinewebDataConfig:
-    """parameter-golf's FineWeb export (fetch it with `python -m speedrun.data.fineweb`)."""
+    """parameter-golf's FineWeb export (fetch it with `python -m speedrun.data.fineweb --variant sp1024`)."""
 
     _target_: str = "speedrun.data.FinewebSP1024"
     path: str = "data/datasets/fineweb10B_sp1024"
-    tokenizer: str = "data/tokenizers/fineweb_1024_bpe.model"
+    tokenizer: str | None = "data/tokenizers/fineweb_1024_bpe.model"
     seq_len: int = 1024
     val_tokens: int = 0
+    allow_tokenizer_mismatch: bool = False
+
+
+@dataclass
+class FinewebGPT2DataConfig:
+    """modded-nanogpt's GPT-2-tokenized FineWeb (`python -m speedrun.data.fineweb --variant gpt2`).
+
+    Its task is the loss on the first 10,485,760 validation tokens; no tokenizer needed (`gpt2` adds bpb).
+    """
+
+    _target_: str = "speedrun.data.FinewebGPT2"
+    path: str = "data/datasets/fineweb10B_gpt2"
+    tokenizer: str | None = None
+    seq_len: int = 1024
+    val_tokens: int = 10_485_760
+    allow_tokenizer_mismatch: bool = False
 
 
 # --------------------------------------------------------------------------- logger
@@ -229,7 +252,12 @@ SCHEMAS: dict[str, dict[str, type]] = {
     "model": {"gpt": GPTConfig},
     "optimizer": {"muon_adam": MuonAdamConfig, "adamw": AdamWConfig},
     "schedule": {"wallclock_warmdown": WallclockWarmdownConfig, "wsd": WSDConfig},
-    "data": {"stdlib": StdlibDataConfig, "shards": ShardDataConfig, "fineweb": FinewebDataConfig},
+    "data": {
+        "stdlib": StdlibDataConfig,
+        "shards": ShardDataConfig,
+        "fineweb": FinewebDataConfig,
+        "fineweb_gpt2": FinewebGPT2DataConfig,
+    },
     "trainer": {"trainer": TrainerConfig},
     "logger": {"wandb": WandbLoggerConfig},
 }

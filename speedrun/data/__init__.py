@@ -1,4 +1,4 @@
-"""Data: shard I/O, the distributed token stream, the embedded corpus, and the sources `cfg.data` builds.
+"""Data: shards, tokenizers, the distributed token stream, the embedded corpus, and the sources `cfg.data` builds.
 
 The exports load on first use, so `import speedrun.data.shards` (prepare, downloads, a corpus
 build in a fresh process) does not pay for importing torch.
@@ -15,6 +15,7 @@ class DataError(RuntimeError):
 
 _EXPORTS = {
     "DataSource": "speedrun.data.sources",
+    "FinewebGPT2": "speedrun.data.sources",
     "FinewebSP1024": "speedrun.data.sources",
     "ShardDataset": "speedrun.data.sources",
     "StdlibCorpus": "speedrun.data.sources",

@@ -1,13 +1,20 @@
-"""Fetch parameter-golf's published FineWeb export: `python -m speedrun.data.fineweb`.
+"""Fetch a published, pre-tokenized FineWeb: `python -m speedrun.data.fineweb`.
 
-    python -m speedrun.data.fineweb --variant sp1024 --train-shards 80
+    python -m speedrun.data.fineweb --variant sp1024 --train-shards 80   # parameter-golf's
+    python -m speedrun.data.fineweb --variant gpt2 --train-shards 8      # modded-nanogpt's
 
-The Hugging Face dataset repo (default willdepueoai/parameter-golf) holds the export under `datasets/`:
-`manifest.json`, `datasets/fineweb10B_sp1024/fineweb_{train,val}_NNNNNN.bin` and
-`tokenizers/fineweb_1024_bpe.{model,vocab}`. They land exactly where `data=fineweb_sp1024` reads:
-`<data-dir>/datasets/fineweb10B_sp1024/` and `<data-dir>/tokenizers/`. The validation split (the fixed
-first 50k documents) is always fetched whole; train shards 0..N-1 are a prefix of the frozen shuffled
-export, so N shards here train on the same data as N shards in parameter-golf.
+`sp<N>` variants: parameter-golf's export. Its Hugging Face dataset repo (default
+willdepueoai/parameter-golf) holds it under `datasets/`: `manifest.json`,
+`datasets/fineweb10B_sp1024/fineweb_{train,val}_NNNNNN.bin` and `tokenizers/fineweb_1024_bpe.{model,vocab}`.
+They land exactly where `data=fineweb_sp1024` reads: `<data-dir>/datasets/fineweb10B_sp1024/` and
+`<data-dir>/tokenizers/`. The validation split (the fixed first 50k documents) is always fetched whole;
+train shards 0..N-1 are a prefix of the frozen shuffled export, so N shards here train on the same data as
+N shards in parameter-golf.
+
+`gpt2`: the GPT-2-tokenized FineWeb 10B that modded-nanogpt's `data/cached_fineweb10B.py` fetches (dataset
+repo kjj0/fineweb10B-gpt2, files at its root): `fineweb_val_000000.bin` and train shards numbered from 1
+(about 100M tokens each, 103 in all), into `<data-dir>/datasets/fineweb10B_gpt2/`, where `data=fineweb_gpt2`
+reads. It has no manifest and no tokenizer files: its task needs only the loss.
 
 Each file is downloaded into a staging folder, verified (a shard's header and size, the tokenizer loads),
 and only then renamed into place: an interrupted or broken download never leaves a file the loader would
@@ -28,7 +35,8 @@ from pathlib import Path
 
 from speedrun.cli import Parser
 from speedrun.data.shards import ShardError, read_shard_header
-from speedrun.data.tokenizer import load_sentencepiece
+from speedrun.data.tokenizer import TokenizerError
+from speedrun.data.tokenizer_sentencepiece import SentencePieceTokenizer
 
 DEFAULT_REPO_ID = "willdepueoai/parameter-golf"
 DEFAULT_REMOTE_ROOT = "datasets"
@@ -56,24 +64,44 @@ class HubFile:
 
 @dataclass(frozen=True)
 class Variant:
-    """`sp1024` -> the dataset folder and tokenizer files parameter-golf publishes for it."""
+    """Where a variant's files are on the hub and where they go locally."""
 
     name: str
+    dataset: str  # the folder under <data-dir>/datasets/ (and, for sp variants, under the repo's datasets/)
+    repo_id: str  # the default dataset repo
+    remote_root: str  # the default folder of the export inside the repo
     vocab_size: int
+    # parameter-golf's export lists its shard counts and tokenizer in manifest.json; modded-nanogpt's has
+    # no manifest, so its layout is fixed here (from its data/cached_fineweb10B.py).
+    has_manifest: bool = True
+    first_train_shard: int = 0
+    val_shards: int = 0
+    train_shards: int = 0
 
     @classmethod
     def parse(cls, name: str) -> Variant:
+        if name == "gpt2":
+            # cached_fineweb10B.py fetches fineweb_val_000000.bin and fineweb_train_000001..000103.bin.
+            return cls(
+                name, "fineweb10B_gpt2", "kjj0/fineweb10B-gpt2", "", 50257,
+                has_manifest=False, first_train_shard=1, val_shards=1, train_shards=103,
+            )  # fmt: skip
         match = re.fullmatch(r"sp(\d+)", name)
         if not match:
-            raise UsageError(f"--variant {name!r} is not a SentencePiece variant such as sp1024 or sp4096")
-        return cls(name, int(match.group(1)))
+            raise UsageError(
+                f"--variant {name!r} is neither gpt2 nor a SentencePiece variant such as sp1024 or sp4096"
+            )
+        return cls(name, f"fineweb10B_{name}", DEFAULT_REPO_ID, DEFAULT_REMOTE_ROOT, int(match.group(1)))
 
     @property
-    def dataset(self) -> str:
-        return f"fineweb10B_{self.name}"
+    def remote_dataset_dir(self) -> str:
+        """The shards' folder inside the export."""
+        return f"datasets/{self.dataset}" if self.has_manifest else ""
 
     @property
     def tokenizer_files(self) -> list[str]:
+        if not self.has_manifest:
+            return []
         return [
             f"tokenizers/fineweb_{self.vocab_size}_bpe.model",
             f"tokenizers/fineweb_{self.vocab_size}_bpe.vocab",
@@ -92,8 +120,8 @@ def verify(path: Path, kind: str, vocab_size: int) -> str | None:
             return str(error).removeprefix(f"{path}: ").split("; ")[0]
     elif kind == "model":
         try:
-            pieces = load_sentencepiece(path).get_piece_size()
-        except ValueError as error:
+            pieces = SentencePieceTokenizer(path).vocab_size
+        except TokenizerError as error:
             return str(error)
         if pieces != vocab_size:
             return f"tokenizer has {pieces} pieces, expected {vocab_size}"
@@ -126,7 +154,7 @@ class Hub:
         return f"{self.repo_id}@{self.revision}"
 
     def remote_path(self, path: str) -> str:
-        return f"{self.remote_root}/{path}" if self.remote_root else path
+        return "/".join(part for part in (self.remote_root, path) if part)
 
     def fetch(self, item: HubFile) -> bool:
         """Make `item.local` a complete, verified file; return False when it already was one."""
@@ -181,8 +209,19 @@ class Hub:
 def plan(hub: Hub, variant: Variant, train_shards: int, data_dir: Path) -> list[HubFile]:
     """The files to fetch: the tokenizer, every val shard, the first `train_shards` train shards.
 
-    The manifest says how many shards of each split exist, as in parameter-golf's own downloader.
+    parameter-golf's manifest says how many shards of each split exist, as in its own downloader.
     """
+    dataset_dir = data_dir / "datasets" / variant.dataset
+    if not variant.has_manifest:
+        if train_shards > variant.train_shards:
+            raise UsageError(
+                f"--train-shards {train_shards}: {variant.dataset} has {variant.train_shards} train shards"
+            )
+        first = variant.first_train_shard
+        return [_shard(hub, variant, dataset_dir, "val", i) for i in range(variant.val_shards)] + [
+            _shard(hub, variant, dataset_dir, "train", i) for i in range(first, first + train_shards)
+        ]
+
     manifest_file = HubFile(hub.remote_path("manifest.json"), data_dir / "manifest.json", "manifest")
     try:
         hub.fetch(manifest_file)
@@ -209,7 +248,6 @@ def plan(hub: Hub, variant: Variant, train_shards: int, data_dir: Path) -> list[
     if not tokenizer_files or not all(re.fullmatch(r"tokenizers/[\w.-]+", path) for path in tokenizer_files):
         tokenizer_files = variant.tokenizer_files
 
-    dataset_dir = data_dir / "datasets" / variant.dataset
     kinds = {".model": "model", ".vocab": "vocab"}
     return (
         [
@@ -223,26 +261,32 @@ def plan(hub: Hub, variant: Variant, train_shards: int, data_dir: Path) -> list[
 
 def _shard(hub: Hub, variant: Variant, dataset_dir: Path, split: str, index: int) -> HubFile:
     name = f"fineweb_{split}_{index:06d}.bin"
-    return HubFile(hub.remote_path(f"datasets/{variant.dataset}/{name}"), dataset_dir / name, "shard")
+    remote = "/".join(part for part in (variant.remote_dataset_dir, name) if part)
+    return HubFile(hub.remote_path(remote), dataset_dir / name, "shard")
 
 
 def fetch(
     variant_name: str,
     train_shards: int,
     data_dir: Path,
-    repo_id: str = DEFAULT_REPO_ID,
+    repo_id: str | None = None,
     revision: str = "main",
-    remote_root: str = DEFAULT_REMOTE_ROOT,
+    remote_root: str | None = None,
 ) -> dict:
     """Fetch a variant's tokenizer, every val shard and the first `train_shards` train shards.
 
-    Returns {"downloaded": n, "complete": n, "failed": [one message per file that could not be fetched]}.
+    `repo_id` and `remote_root` default to the variant's. Returns {"downloaded": n, "complete": n,
+    "failed": [one message per file that could not be fetched], "repo": the repo@revision}.
     """
     variant = Variant.parse(variant_name)
+    if data_dir.exists() and not data_dir.is_dir():
+        raise UsageError(f"--data-dir {data_dir} is a file, not a folder; give a folder (default: data)")
+    repo_id = variant.repo_id if repo_id is None else repo_id
+    remote_root = variant.remote_root if remote_root is None else remote_root
     hub = Hub(repo_id, revision, remote_root, data_dir, variant.vocab_size)
     shutil.rmtree(hub.staging, ignore_errors=True)  # partial files of a killed run: never reused
     files = plan(hub, variant, train_shards, data_dir)
-    counts: dict = {"downloaded": 0, "complete": 0, "failed": []}
+    counts: dict = {"downloaded": 0, "complete": 0, "failed": [], "repo": hub.where()}
     for index, item in enumerate(files, start=1):
         try:
             downloaded = hub.fetch(item)
@@ -276,31 +320,35 @@ def _count(text: str) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(
         prog="python -m speedrun.data.fineweb",
-        description="Download parameter-golf's tokenized FineWeb export (val split, N train shards, tokenizer).",
+        description="Download a tokenized FineWeb (val split, N train shards, tokenizer): parameter-golf's "
+        "export (sp1024, ...) or modded-nanogpt's GPT-2 tokens (gpt2).",
     )
     parser.add_argument(
-        "--variant", default="sp1024", help="tokenizer variant: sp1024 (default), sp4096, ..."
+        "--variant",
+        default="sp1024",
+        help="sp1024 (default), sp4096, ...: parameter-golf's export; gpt2: modded-nanogpt's",
     )
     parser.add_argument(
         "--train-shards",
         type=_count,
         required=True,
         metavar="N",
-        help="train shards to fetch, 100M tokens (200 MB) each; parameter-golf's baseline uses 80",
+        help="train shards to fetch, about 100M tokens (200 MB) each; parameter-golf's baseline uses 80",
     )
     parser.add_argument(
         "--data-dir", type=Path, default=Path("data"), help="destination root (default: data)"
     )
     parser.add_argument(
-        "--repo-id", default=DEFAULT_REPO_ID, help=f"dataset repo (default: {DEFAULT_REPO_ID})"
+        "--repo-id",
+        help=f"dataset repo (default: {DEFAULT_REPO_ID} for sp variants, kjj0/fineweb10B-gpt2 for gpt2)",
     )
     parser.add_argument(
         "--revision", default="main", help="branch, tag or commit of the repo (default: main)"
     )
     parser.add_argument(
         "--remote-root",
-        default=DEFAULT_REMOTE_ROOT,
-        help=f"folder of the export inside the repo (default: {DEFAULT_REMOTE_ROOT})",
+        help=f"folder of the export inside the repo (default: {DEFAULT_REMOTE_ROOT} for sp variants, "
+        "the repo's root for gpt2)",
     )
     return parser
 
@@ -317,12 +365,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     except FetchError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
+    except OSError as error:  # an unwritable --data-dir, a full disk
+        where = f"{error.filename}: " if error.filename else ""
+        print(
+            f"error: {where}{error.strerror or error}; files already in place are complete", file=sys.stderr
+        )
+        return 1
     except KeyboardInterrupt:
         print("error: interrupted; the files already in place are complete, rerun to resume", file=sys.stderr)
         return 130
     if counts["failed"]:
         print(
-            f"error: {len(counts['failed'])} files could not be fetched intact from {args.repo_id}, nothing broken "
+            f"error: {len(counts['failed'])} files could not be fetched intact from {counts['repo']}, nothing broken "
             f"was kept (rerun to retry): {'; '.join(counts['failed'])}",
             file=sys.stderr,
         )
@@ -330,6 +384,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     _log(
         f"done: {counts['downloaded']} downloaded, {counts['complete']} already complete, under {args.data_dir}"
     )
+    if args.variant == "gpt2":
+        _log(
+            "no tokenizer is fetched: data=fineweb_gpt2 measures val_loss (modded-nanogpt's task); for val_bpb "
+            "add data.tokenizer=gpt2, whose error says where GPT-2's tokenizer files go"
+        )
     return 0
 
 

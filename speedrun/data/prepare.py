@@ -1,12 +1,16 @@
-"""Turn a text corpus into a SentencePiece tokenizer and token shards: `python -m speedrun.prepare`.
+"""Turn a text corpus into a tokenizer and token shards: `python -m speedrun.prepare`.
 
     python -m speedrun.prepare --input corpus.jsonl notes/ --output data/mine --vocab-size 1024
+    python -m speedrun.prepare --input corpus.jsonl --output data/mine --train bytelevel --vocab-size 4096
+    python -m speedrun.prepare --input corpus.jsonl --output data/mine --tokenizer gpt2
 
 Inputs are `.txt` files (one document each), `.jsonl` / `.jsonl.gz` files (one document per line, in its
 `text` field), or folders of those (read recursively, in sorted order). The corpus is streamed twice: once
-for a bounded sample that trains the tokenizer (skipped with `--tokenizer`), once to encode every document,
-BOS first, into `<prefix>_train_NNNNNN.bin` / `<prefix>_val_NNNNNN.bin` shards. Memory stays flat however
-large the corpus: one preallocated shard buffer per split and a few chunks of text in flight.
+for a bounded sample that trains the tokenizer (SentencePiece, or a byte-level BPE with `--train
+bytelevel`; skipped with `--tokenizer`), once to encode every document, its start token first, into
+`<prefix>_train_NNNNNN.bin` / `<prefix>_val_NNNNNN.bin` shards. Memory stays flat however large the corpus
+or its documents: one preallocated shard buffer per split, a few chunks of text in flight, and documents
+longer than 256K characters encoded a piece at a time (`split_long_text`).
 
 Nothing is dropped silently: unreadable lines are skipped and counted by reason, undecodable bytes are
 replaced with U+FFFD and the document counted as repaired, and both are reported on stderr and in
@@ -19,13 +23,14 @@ from __future__ import annotations
 import argparse
 import gzip
 import hashlib
+import itertools
 import json
 import multiprocessing
 import os
 import shlex
 import shutil
+import signal
 import sys
-import time
 import zlib
 from collections import Counter, deque
 from collections.abc import Iterable, Iterator, Sequence
@@ -34,17 +39,25 @@ from pathlib import Path
 from typing import IO
 
 import numpy as np
-import sentencepiece as spm
+from tqdm import tqdm
 
 from speedrun.cli import Parser
+from speedrun.data.checks import MANIFEST_NAME
 from speedrun.data.shards import MAX_TOKEN_ID, TOKEN_DTYPE, list_shards, write_shard
-from speedrun.data.tokenizer import encode_documents, load_sentencepiece, train_sentencepiece
+from speedrun.data.tokenizer import (
+    GPT2_NAME,
+    Tokenizer,
+    TokenizerError,
+    encode_pieces,
+    load_tokenizer,
+    split_long_text,
+)
 
 SPLITS = ("val", "train")
-MANIFEST_NAME = "manifest.json"
-TOKENIZER_NAME = "tokenizer.model"
+TOKENIZER_STEM = "tokenizer"  # tokenizer.model, tokenizer.tiktoken or tokenizer.json, by kind
+TRAINERS = ("sentencepiece", "bytelevel")
 STAGING_NAME = ".prepare-partial"  # shards wait here until the whole corpus is encoded
-CHUNK_CHARS = 1 << 20  # documents are sent to workers ~1 MB at a time
+CHUNK_CHARS = 1 << 20  # text is sent to workers ~1 MB at a time
 EXAMPLES_KEPT = 5  # per skip reason, the first few places are reported
 SKIP_REASONS = {
     "not_json": "lines that are not JSON",
@@ -56,6 +69,10 @@ SKIP_REASONS = {
 
 class PrepareError(Exception):
     """Bad input or usage: printed as one `error:` line, exit status 2."""
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised where the program is, so that it cleans up exactly as after Ctrl-C."""
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -221,11 +238,18 @@ class SampleStats:
 def tokenizer_sample(
     docs: Iterator[str], split: ValSplit, max_docs: int | None, max_bytes: int, stats: SampleStats
 ) -> Iterator[str]:
-    """The first training documents, up to the sample limits (validation text never trains the tokenizer)."""
+    """The first training documents, up to the sample limits (validation text never trains the tokenizer).
+
+    The document that reaches `max_bytes` is cut there: tokenizer trainers hold their whole sample in
+    memory, several times over, so one 30 MB document must not become a 30 MB sample.
+    """
     for index, text in enumerate(docs):
         stats.documents_seen += 1
         if split.is_val(index, text):
             continue
+        remaining = max_bytes - stats.bytes
+        if len(text) > remaining:  # characters >= bytes / 4: a cheap bound before encoding it
+            text = text.encode("utf-8")[:remaining].decode("utf-8", errors="ignore")
         yield text
         stats.documents += 1
         stats.bytes += len(text.encode("utf-8"))
@@ -233,89 +257,90 @@ def tokenizer_sample(
             return
 
 
-def install_tokenizer(source: Path, output: Path, vocab_size: int | None) -> None:
-    """Copy a given SentencePiece model (and its .vocab, if any) into the output folder."""
-    processor = _load(source)
-    if vocab_size is not None and processor.get_piece_size() != vocab_size:
+def check_tokenizer(tokenizer: Tokenizer, vocab_size: int | None) -> None:
+    """Refuse a tokenizer shards cannot be made with, naming it and the fix."""
+    if vocab_size is not None and tokenizer.vocab_size != vocab_size:
         raise PrepareError(
-            f"--tokenizer {source} has vocab {processor.get_piece_size()} but --vocab-size is {vocab_size}; "
+            f"--tokenizer {tokenizer.source} has vocab {tokenizer.vocab_size} but --vocab-size is {vocab_size}; "
             "drop --vocab-size or make them agree"
         )
-    model = output / TOKENIZER_NAME
-    for src, dst in ((source, model), (source.with_suffix(".vocab"), model.with_suffix(".vocab"))):
-        if src.is_file() and not (dst.exists() and dst.samefile(src)):
-            shutil.copyfile(src, dst)
+    if tokenizer.vocab_size > MAX_TOKEN_ID + 1:
+        raise PrepareError(
+            f"tokenizer {tokenizer.source} has {tokenizer.vocab_size:,} tokens; uint16 shards hold at most "
+            f"{MAX_TOKEN_ID + 1:,}: use a tokenizer with a smaller vocabulary"
+        )
+    if tokenizer.document_start_id is None:
+        raise PrepareError(
+            f"tokenizer {tokenizer.source} has no token to open documents with (BOS, <|endoftext|>, <s>); "
+            "add one as a special token"
+        )
 
 
-def _load(path: Path) -> spm.SentencePieceProcessor:
+def _load(spec: str | Path) -> Tokenizer:
     try:
-        processor = load_sentencepiece(path)
-    except ValueError as error:
+        return load_tokenizer(spec)
+    except TokenizerError as error:
         raise PrepareError(str(error)) from None
-    if processor.bos_id() < 0:
-        raise PrepareError(
-            f"tokenizer {path} has no BOS piece, which marks document starts; train it with bos_id=1"
-        )
-    if processor.get_piece_size() > MAX_TOKEN_ID + 1:
-        raise PrepareError(
-            f"tokenizer {path} has {processor.get_piece_size()} pieces; shards hold at most 65536"
-        )
-    return processor
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Encoding
 
 
-def document_chunks(docs: Iterator[str], split: ValSplit) -> Iterator[tuple[str, list[str]]]:
-    """Group documents into ~CHUNK_CHARS chunks, one open chunk per split, so each split keeps its order."""
-    chunks: dict[str, list[str]] = {name: [] for name in SPLITS}
+def document_chunks(docs: Iterator[str], split: ValSplit) -> Iterator[tuple[str, list[tuple[str, bool]]]]:
+    """Group documents into ~CHUNK_CHARS chunks of (text, opens_a_document) pieces, one open chunk per
+    split, so each split keeps its order; a long document is cut into pieces (`split_long_text`)."""
+    chunks: dict[str, list[tuple[str, bool]]] = {name: [] for name in SPLITS}
     sizes = dict.fromkeys(SPLITS, 0)
     for index, text in enumerate(docs):
         name = "val" if split.is_val(index, text) else "train"
-        chunks[name].append(text)
-        sizes[name] += len(text)
-        if sizes[name] >= CHUNK_CHARS:
-            yield name, chunks[name]
-            chunks[name], sizes[name] = [], 0
+        for number, piece in enumerate(split_long_text(text)):
+            chunks[name].append((piece, number == 0))
+            sizes[name] += len(piece)
+            if sizes[name] >= CHUNK_CHARS:
+                yield name, chunks[name]
+                chunks[name], sizes[name] = [], 0
     for name in SPLITS:
         if chunks[name]:
             yield name, chunks[name]
 
 
-_worker_processor: spm.SentencePieceProcessor | None = None
+_worker_tokenizer: Tokenizer | None = None
 
 
-def _init_worker(model_path: str) -> None:
-    # Each worker loads the model once, not once per chunk.
-    global _worker_processor
-    _worker_processor = load_sentencepiece(model_path)
+def _init_worker(tokenizer_file: str) -> None:
+    # Each worker loads the tokenizer once, not once per chunk. SIGINT is the parent's to handle: a
+    # Ctrl-C reaches the whole process group, and the parent stops the pool.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    global _worker_tokenizer
+    _worker_tokenizer = load_tokenizer(tokenizer_file)
 
 
-def _encode_chunk(texts: list[str]) -> np.ndarray:
-    return encode_documents(_worker_processor, texts)
+def _encode_chunk(pieces: list[tuple[str, bool]]) -> np.ndarray:
+    return encode_pieces(_worker_tokenizer, pieces)
 
 
 def encode_chunks(
-    chunks: Iterator[tuple[str, list[str]]], model_path: Path, workers: int
+    chunks: Iterator[tuple[str, list[tuple[str, bool]]]], tokenizer_file: Path, workers: int
 ) -> Iterator[tuple[str, int, np.ndarray]]:
-    """Encode chunks in order with `workers` processes; yield (split, documents, tokens) per chunk.
+    """Encode chunks in order with `workers` processes; yield (split, documents begun, tokens) per chunk.
 
     Not Pool.imap: it reads its input as fast as it can, so a slow pool would let the whole corpus pile up
     in memory. Here at most 2 chunks per worker are in flight.
     """
     if workers == 1:
-        processor = load_sentencepiece(model_path)
-        for name, texts in chunks:
-            yield name, len(texts), encode_documents(processor, texts)
+        tokenizer = load_tokenizer(tokenizer_file)
+        for name, pieces in chunks:
+            yield name, sum(opens for _, opens in pieces), encode_pieces(tokenizer, pieces)
         return
     # spawn, not fork: workers start clean whatever the parent holds (threads, the heap left by tokenizer
     # training), and behave the same on every platform.
     context = multiprocessing.get_context("spawn")
-    with context.Pool(workers, initializer=_init_worker, initargs=(str(model_path),)) as pool:
+    with context.Pool(workers, initializer=_init_worker, initargs=(str(tokenizer_file),)) as pool:
         in_flight: deque = deque()
-        for name, texts in chunks:
-            in_flight.append((name, len(texts), pool.apply_async(_encode_chunk, (texts,))))
+        for name, pieces in chunks:
+            documents = sum(opens for _, opens in pieces)
+            in_flight.append((name, documents, pool.apply_async(_encode_chunk, (pieces,))))
             if len(in_flight) >= 2 * workers:
                 name, count, result = in_flight.popleft()
                 yield name, count, result.get()
@@ -360,31 +385,35 @@ class ShardWriter:
         return {"documents": self.documents, "tokens": self.tokens, "files": self.files}
 
 
-class Progress:
-    """A status line on stderr: redrawn in place on a terminal, a plain log line every 10 s otherwise."""
+class _LineStream:
+    """tqdm redraws its bar in place with carriage returns; in a log file each redraw becomes one line."""
 
-    def __init__(self, total_bytes: int, stream: IO[str] = sys.stderr) -> None:
-        self.total_mb = total_bytes / 1e6
+    def __init__(self, stream: IO[str]) -> None:
         self.stream = stream
-        self.tty = stream.isatty()
-        self.interval = 0.25 if self.tty else 10.0
-        self.start = self.last = time.monotonic()
 
-    def update(self, bytes_read: int, documents: int, tokens: int, *, final: bool = False) -> None:
-        now = time.monotonic()
-        if not final and now - self.last < self.interval:
-            return
-        self.last = now
-        mb = bytes_read / 1e6
-        line = (
-            f"encoded {mb:,.1f}/{self.total_mb:,.1f} MB ({100 * mb / max(self.total_mb, 1e-9):.0f}%), "
-            f"{documents:,} docs, {tokens:,} tokens, {mb / max(now - self.start, 1e-9):.1f} MB/s"
-        )
-        if self.tty:
-            self.stream.write("\r" + line + "\x1b[K" + ("\n" if final else ""))  # ESC[K: erase the old tail
-        else:
+    def write(self, text: str) -> None:
+        line = text.replace("\r", "").rstrip()
+        if line:
             self.stream.write(line + "\n")
+
+    def flush(self) -> None:
         self.stream.flush()
+
+
+def progress_bar(total_bytes: int, stream: IO[str] = sys.stderr) -> tqdm:
+    """Encoding progress in input megabytes: a live bar on a terminal, a plain line every 10 s otherwise."""
+    terminal = stream.isatty()
+    return tqdm(
+        total=total_bytes,
+        desc="encoding",
+        unit="B",
+        unit_scale=True,
+        unit_divisor=1000,
+        file=stream if terminal else _LineStream(stream),
+        mininterval=0.25 if terminal else 10.0,
+        dynamic_ncols=terminal,
+        ascii=not terminal,
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -392,46 +421,65 @@ class Progress:
 
 
 def obtain_tokenizer(
-    args: argparse.Namespace, files: Sequence[Path], split: ValSplit, model_path: Path
-) -> SampleStats | None:
-    """Install --tokenizer, or train one on a sample; return the sample's size (None when given one)."""
+    args: argparse.Namespace, files: Sequence[Path], split: ValSplit, output: Path
+) -> tuple[Tokenizer, Path, SampleStats | None]:
+    """Save --tokenizer into `output`, or train one there on a sample; return it, its file there, and the
+    sample's size (None when given one)."""
     if args.tokenizer is not None:
-        install_tokenizer(args.tokenizer, model_path.parent, args.vocab_size)
-        return None
+        tokenizer = _load(args.tokenizer)
+        check_tokenizer(tokenizer, args.vocab_size)
+        path = output / (TOKENIZER_STEM + tokenizer.suffix)
+        tokenizer.save(path)
+        return tokenizer, path, None
     sample = SampleStats()
-    _log(f"training a {args.vocab_size}-piece BPE tokenizer on a sample of the training documents")
+    kind = "SentencePiece BPE" if args.train == "sentencepiece" else "byte-level BPE"
+    _log(f"training a {args.vocab_size}-token {kind} tokenizer on a sample of the training documents")
     docs = tokenizer_sample(
         iter_documents(files, ReadReport()), split, args.sample_docs, args.sample_bytes, sample
     )
+    first = next(docs, None)
+    if first is None:
+        raise _no_documents_error(files, split, sample.documents_seen)
+    docs = itertools.chain([first], docs)
     try:
-        train_sentencepiece(docs, model_path.with_suffix(""), args.vocab_size, threads=args.workers)
+        if args.train == "sentencepiece":
+            from speedrun.data.tokenizer_sentencepiece import train_sentencepiece
+
+            path = train_sentencepiece(docs, output / TOKENIZER_STEM, args.vocab_size, threads=args.workers)
+        else:
+            from speedrun.data.tokenizer_huggingface import train_bytelevel
+
+            path = train_bytelevel(docs, output / f"{TOKENIZER_STEM}.json", args.vocab_size)
     except ValueError as error:
-        if sample.documents == 0:
-            raise _no_documents_error(files, split, sample.documents_seen) from None
         raise PrepareError(str(error)) from None
-    _log(f"tokenizer {model_path}: trained on {sample.documents:,} documents ({sample.bytes / 1e6:.1f} MB)")
-    return sample
+    tokenizer = _load(path)
+    check_tokenizer(tokenizer, None)
+    _log(
+        f"tokenizer {path}: {tokenizer.vocab_size:,} tokens, trained on {sample.documents:,} documents "
+        f"({sample.bytes / 1e6:.1f} MB)"
+    )
+    return tokenizer, path, sample
 
 
 def write_shards(
-    args: argparse.Namespace, files: Sequence[Path], split: ValSplit, model_path: Path, folder: Path
+    args: argparse.Namespace, files: Sequence[Path], split: ValSplit, tokenizer_file: Path, folder: Path
 ) -> tuple[dict[str, ShardWriter], ReadReport]:
     """Encode every document into shards in `folder`; return the per-split writers and the read report."""
     report = ReadReport()
     writers = {name: ShardWriter(folder, args.prefix, name, args.shard_tokens) for name in SPLITS}
-    progress = Progress(sum(path.stat().st_size for path in files))
-
-    def show(final: bool = False) -> None:
-        documents = sum(w.documents for w in writers.values())
-        progress.update(report.bytes_read, documents, sum(w.tokens for w in writers.values()), final=final)
-
     chunks = document_chunks(iter_documents(files, report), split)
-    for name, documents, tokens in encode_chunks(chunks, model_path, args.workers):
-        writers[name].add(tokens, documents)
-        show()
-    for writer in writers.values():
-        writer.flush()
-    show(final=True)
+    with progress_bar(sum(path.stat().st_size for path in files)) as bar:
+        for name, documents, tokens in encode_chunks(chunks, tokenizer_file, args.workers):
+            writers[name].add(tokens, documents)
+            bar.update(report.bytes_read - bar.n)
+            bar.set_postfix_str(
+                f"{sum(w.documents for w in writers.values()):,} docs, "
+                f"{sum(w.tokens for w in writers.values()):,} tokens",
+                refresh=False,
+            )
+        for writer in writers.values():
+            writer.flush()
+        bar.update(report.bytes_read - bar.n)
     return writers, report
 
 
@@ -447,11 +495,9 @@ def prepare(args: argparse.Namespace, argv: Sequence[str]) -> dict:
         split = ValSplit(first_docs=args.val_docs)
     else:
         split = ValSplit(fraction=args.val_fraction)
-    model_path = output / TOKENIZER_NAME
     try:
-        sample = obtain_tokenizer(args, files, split, model_path)
-        processor = _load(model_path)
-        writers, report = write_shards(args, files, split, model_path, staging)
+        tokenizer, tokenizer_file, sample = obtain_tokenizer(args, files, split, output)
+        writers, report = write_shards(args, files, split, tokenizer_file, staging)
         for line in report.lines():
             _log(line)
         if writers["train"].documents == 0 or writers["val"].documents == 0:
@@ -470,14 +516,16 @@ def prepare(args: argparse.Namespace, argv: Sequence[str]) -> dict:
         "input_files": len(files),
         "ignored_files": {"count": len(ignored), "examples": [str(p) for p in ignored[:EXAMPLES_KEPT]]},
         "tokenizer": {
-            "file": TOKENIZER_NAME,
-            "sha256": hashlib.sha256(model_path.read_bytes()).hexdigest(),
-            "source": "trained" if args.tokenizer is None else str(args.tokenizer),
+            "file": tokenizer_file.name,
+            "kind": tokenizer.kind,
+            # What `speedrun.train` compares data.tokenizer with (Tokenizer.fingerprint).
+            "sha256": tokenizer.fingerprint(),
+            "source": f"trained ({args.train})" if args.tokenizer is None else str(args.tokenizer),
             "sample_documents": None if sample is None else sample.documents,
             "sample_bytes": None if sample is None else sample.bytes,
         },
-        "vocab_size": processor.get_piece_size(),
-        "bos_id": processor.bos_id(),
+        "vocab_size": tokenizer.vocab_size,
+        "bos_id": tokenizer.document_start_id,
         "shard_tokens": args.shard_tokens,
         "validation": split.describe(),
         "splits": {name: writer.summary() for name, writer in writers.items()},
@@ -568,7 +616,7 @@ def _prefix(text: str) -> str:
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(
         prog="python -m speedrun.prepare",
-        description="Train a SentencePiece tokenizer on a text corpus and write train/val token shards.",
+        description="Train or take a tokenizer and turn a text corpus into train/val token shards.",
     )
     parser.add_argument(
         "--input",
@@ -589,13 +637,21 @@ def build_parser() -> argparse.ArgumentParser:
         "--vocab-size",
         type=_positive_int,
         metavar="N",
-        help="tokenizer vocabulary to train (required unless --tokenizer is given)",
+        help="tokenizer vocabulary to train, at most 65536 (required unless --tokenizer is given)",
     )
-    parser.add_argument(
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument(
         "--tokenizer",
-        type=Path,
-        metavar="MODEL",
-        help="use this SentencePiece .model instead of training one (copied into --output)",
+        metavar="gpt2|PATH",
+        help=f"use this tokenizer instead of training one (saved into --output): {GPT2_NAME}, a SentencePiece "
+        ".model, a tiktoken .tiktoken rank file or a Hugging Face tokenizer .json",
+    )
+    source.add_argument(
+        "--train",
+        choices=TRAINERS,
+        default="sentencepiece",
+        help="the tokenizer to train: sentencepiece (BPE with byte fallback, as parameter-golf; default) or "
+        "bytelevel (a GPT-2-style byte-level BPE, saved as a Hugging Face tokenizer.json)",
     )
     val = parser.add_mutually_exclusive_group()
     val.add_argument(
@@ -651,22 +707,38 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _terminate(signum: int, frame: object) -> None:
+    raise Terminated()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.vocab_size is None and args.tokenizer is None:
-        parser.error("give --vocab-size N to train a tokenizer, or --tokenizer MODEL to use one")
+        parser.error("give --vocab-size N to train a tokenizer, or --tokenizer gpt2|PATH to use one")
     if args.vocab_size is not None and args.vocab_size > MAX_TOKEN_ID + 1:
-        parser.error(f"--vocab-size {args.vocab_size} does not fit uint16 shards (at most 65536)")
+        parser.error(
+            f"--vocab-size {args.vocab_size} does not fit uint16 shards (at most {MAX_TOKEN_ID + 1})"
+        )
+    previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         prepare(args, argv)
     except PrepareError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except OSError as error:  # unreadable input, unwritable output, a full disk
+        where = f"{error.filename}: " if error.filename else ""
+        print(f"error: {where}{error.strerror or error}; no shards were written", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("error: interrupted; no shards were written", file=sys.stderr)
         return 130
+    except Terminated:
+        print("error: terminated (SIGTERM); no shards were written", file=sys.stderr)
+        return 128 + signal.SIGTERM
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     return 0
 
 

@@ -21,11 +21,11 @@ import tempfile
 import time
 from pathlib import Path
 
-import sentencepiece as spm
-
 from speedrun.data import DataError
+from speedrun.data.paths import cache_root
 from speedrun.data.shards import write_shard
-from speedrun.data.tokenizer import encode_documents, train_sentencepiece
+from speedrun.data.tokenizer import encode_documents
+from speedrun.data.tokenizer_sentencepiece import SentencePieceTokenizer, train_sentencepiece
 
 log = logging.getLogger(__name__)
 
@@ -41,13 +41,8 @@ EXCLUDED_FILE_PREFIXES = ("_sysconfigdata",)  # differs between builds of the sa
 
 
 def default_cache_dir(vocab_size: int = 1024) -> Path:
-    """`$SPEEDRUN_CACHE/stdlib_v<BUILD_VERSION>_<vocab>`, else `<repo>/.cache/speedrun/...` (else ~/.cache)."""
-    if root := os.environ.get("SPEEDRUN_CACHE"):
-        base = Path(root).expanduser()
-    else:
-        repo = Path(__file__).resolve().parents[2]
-        base = (repo if (repo / "pyproject.toml").exists() else Path.home()) / ".cache" / "speedrun"
-    return base / f"stdlib_v{BUILD_VERSION}_{vocab_size}"
+    """`<speedrun cache>/stdlib_v<BUILD_VERSION>_<vocab>` (the cache: `speedrun.data.paths.cache_root`)."""
+    return cache_root() / f"stdlib_v{BUILD_VERSION}_{vocab_size}"
 
 
 def _build_key(vocab_size: int) -> dict[str, object]:
@@ -102,9 +97,9 @@ def is_val_document(rel_path: str) -> bool:
     return int.from_bytes(digest[:4], "little") % 1000 < VAL_PER_MILLE
 
 
-def _encode_to_shards(sp: spm.SentencePieceProcessor, texts: list[str], folder: Path, split: str) -> int:
+def _encode_to_shards(tokenizer: SentencePieceTokenizer, texts: list[str], folder: Path, split: str) -> int:
     # BOS opens every document: the model sees where files start, and bpb does not count a space there.
-    tokens = encode_documents(sp, texts)
+    tokens = encode_documents(tokenizer, texts)
     for index, start in enumerate(range(0, max(len(tokens), 1), SHARD_TOKENS)):
         write_shard(folder / f"stdlib_{split}_{index:06d}.bin", tokens[start : start + SHARD_TOKENS])
     return len(tokens)
@@ -135,9 +130,9 @@ def _build_into(folder: Path, vocab_size: int) -> dict:
     (folder / f"stdlib_{vocab_size}_bpe.vocab").unlink(missing_ok=True)
     log.info("stdlib corpus: trained a %d-token BPE tokenizer in %.1fs", vocab_size, time.perf_counter() - t1)
     t2 = time.perf_counter()
-    sp = spm.SentencePieceProcessor(model_file=str(model_path))
-    train_tokens = _encode_to_shards(sp, train, folder, "train")
-    val_tokens = _encode_to_shards(sp, val, folder, "val")
+    tokenizer = SentencePieceTokenizer(model_path)
+    train_tokens = _encode_to_shards(tokenizer, train, folder, "train")
+    val_tokens = _encode_to_shards(tokenizer, val, folder, "val")
     log.info(
         "stdlib corpus: encoded %d train and %d val tokens in %.1fs",
         train_tokens,

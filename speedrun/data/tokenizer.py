@@ -1,166 +1,200 @@
-"""SentencePiece BPE: train one the way parameter-golf does, and encode documents into shard tokens.
+"""Tokenizers behind one interface: what shards are encoded with and what bits-per-byte counts bytes with.
 
-Settings follow parameter-golf's FineWeb tokenizers (BPE, byte fallback, split digits, no dummy prefix,
-pad/bos/eos/unk = 0/1/2/3) with one deliberate change: identity normalization and no whitespace
-collapsing, so that decode(encode(text)) == text byte for byte. That keeps val_bpb honest (bytes are
-the corpus's bytes, not NFKC-normalised ones) and keeps code indentation intact.
+Three kinds, chosen by what the user names (`data.tokenizer`, `prepare --tokenizer`):
+
+| name                          | kind                                                                  |
+| ----------------------------- | --------------------------------------------------------------------- |
+| `*.model`                     | SentencePiece (parameter-golf's tokenizers, the embedded corpus's)    |
+| `*.tiktoken`                  | a tiktoken rank file: byte-level BPE with GPT-2's split pattern       |
+| `gpt2`                        | GPT-2's byte-level BPE (tiktoken), from local files (`gpt2_folder()`) |
+| `*.json` (`tokenizer.json`)   | a Hugging Face `tokenizers` file (byte-level or Metaspace BPE)        |
+
+Every kind says how many UTF-8 bytes of text each token stands for (`TokenBytes`), under its own rules
+(a SentencePiece piece's leading '▁' is a space except after a boundary token; a byte-level token is its
+bytes; special tokens are no text at all), so that val_bpb means the same thing whichever tokenizer a run
+uses. No kind imports torch: preparing a corpus does not need it.
 """
 
 from __future__ import annotations
 
-import itertools
+import hashlib
 import os
-import re
-from collections.abc import Iterable, Iterator, Sequence
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
-import sentencepiece as spm
+
+if TYPE_CHECKING:
+    import torch
 
 from speedrun.data.shards import MAX_TOKEN_ID, TOKEN_DTYPE
 
-PAD_ID, BOS_ID, EOS_ID, UNK_ID = 0, 1, 2, 3
-# Characters seen in fewer than 0.05% of the sample get no piece of their own and are spelled with byte
-# pieces instead; 1.0 would let a few rare scripts eat a small vocab (or make it impossible).
-CHARACTER_COVERAGE = 0.9995
-# Training text is cut at line ends into chunks of about this size; SentencePiece silently drops
-# "sentences" longer than max_sentence_length, so that is set well above it (a single long line).
-CHUNK_BYTES = 4096
-MAX_SENTENCE_BYTES = 4 * CHUNK_BYTES
+GPT2_NAME = "gpt2"
+# Each piece of a long document is encoded on its own (see split_long_text): tokenizers build per-character
+# structures over the whole string they are given, so a 30 MB one-line document would cost gigabytes.
+MAX_PIECE_CHARS = 1 << 18
 
 
-def training_chunks(text_iter: Iterable[str], max_bytes: int = CHUNK_BYTES) -> Iterator[str]:
-    """Documents cut at line ends into "sentences" under `max_bytes`, newlines kept.
+class TokenizerError(ValueError):
+    """A tokenizer that cannot be loaded or used; the message is one line naming the file and the fix."""
 
-    SentencePiece trains on sentences, not whole documents. Keeping the newlines lets it learn
-    pieces such as `:\n` (useful for code), and cutting only at line ends keeps every byte.
-    Whitespace-only chunks teach nothing and are dropped.
+
+@dataclass(frozen=True)
+class TokenBytes:
+    """The UTF-8 bytes of text each token id stands for, as arrays indexed by token id.
+
+    A target token `t` that follows token `p` stands for `base[t] + (leading_space[t] and not boundary[p])`
+    bytes: SentencePiece's leading '▁' is a space except right after a boundary (BOS and other control
+    tokens), where it is the dummy prefix rather than text. Byte-level kinds have no such space:
+    `leading_space` is all False and each token is simply its bytes. Boundary tokens stand for 0 bytes.
     """
-    for text in text_iter:
-        chunk: list[str] = []
-        size = 0
-        for line in text.splitlines(keepends=True):
-            if chunk and size + len(line) > max_bytes:
-                joined = "".join(chunk)
-                if joined.strip():
-                    yield joined
-                chunk, size = [], 0
-            chunk.append(line)
-            size += len(line)
-        joined = "".join(chunk)
-        if joined.strip():
-            yield joined
+
+    base: np.ndarray  # int16
+    leading_space: np.ndarray  # bool
+    boundary: np.ndarray  # bool
+
+    @classmethod
+    def empty(cls, vocab_size: int) -> TokenBytes:
+        """Every id a 0-byte boundary until the tokenizer says otherwise (ids it leaves unused stay so)."""
+        return cls(np.zeros(vocab_size, np.int16), np.zeros(vocab_size, bool), np.ones(vocab_size, bool))
+
+    def as_tensors(self, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(base, leading_space, boundary) as torch tensors on `device`: what evaluation indexes."""
+        import torch  # here, not at the top: preparing a corpus must not pay for importing torch
+
+        return tuple(torch.from_numpy(a).to(device) for a in (self.base, self.leading_space, self.boundary))
 
 
-def train_sentencepiece(
-    text_iter: Iterable[str],
-    model_prefix: Path,
-    vocab_size: int,
-    *,
-    max_sentences: int = 2_000_000,
-    threads: int = 2,
-) -> Path:
-    """Train a BPE tokenizer on (a bounded sample of) `text_iter`; return the path of `<model_prefix>.model`.
+class Tokenizer(ABC):
+    """One tokenizer, whatever its kind. `source` is what the user named: a path, or `gpt2`."""
 
-    `text_iter` yields documents; at most `max_sentences` chunks of them (`training_chunks`) are read,
-    so a generator over a huge corpus is safe. The caller should still pass a sample (tens of MB at most):
-    SentencePiece holds everything it reads in memory. Writes `<model_prefix>.model` and `.vocab`, each
-    atomically. Raises ValueError with a one-line explanation when the text cannot support `vocab_size`.
-    """
-    model_prefix = Path(model_prefix)
-    model_prefix.parent.mkdir(parents=True, exist_ok=True)
-    lines = itertools.islice(training_chunks(text_iter), max_sentences)
-    first = next(lines, None)
-    if first is None:
-        raise ValueError("no text to train the tokenizer on (every document is empty)")
-    # Train under a temporary prefix and rename, so an interrupted run never leaves a half-written model.
-    tmp_prefix = model_prefix.with_name(f".{model_prefix.name}.tmp{os.getpid()}")
-    try:
-        spm.SentencePieceTrainer.train(
-            sentence_iterator=itertools.chain([first], lines),
-            model_prefix=str(tmp_prefix),
-            model_type="bpe",
-            vocab_size=vocab_size,
-            byte_fallback=True,
-            split_digits=True,
-            add_dummy_prefix=False,
-            normalization_rule_name="identity",
-            remove_extra_whitespaces=False,
-            character_coverage=CHARACTER_COVERAGE,
-            pad_id=PAD_ID,
-            bos_id=BOS_ID,
-            eos_id=EOS_ID,
-            unk_id=UNK_ID,
-            input_sentence_size=max_sentences,
-            # The caller bounds the sample; no shuffling keeps the tokenizer a pure function of the text.
-            shuffle_input_sentence=False,
-            max_sentence_length=MAX_SENTENCE_BYTES,
-            num_threads=threads,
-            minloglevel=2,  # its INFO log is a page per run; errors still raise
-        )
-    except RuntimeError as error:
-        for suffix in (".model", ".vocab"):
-            _with_suffix(tmp_prefix, suffix).unlink(missing_ok=True)
-        raise _vocab_error(str(error), vocab_size) from None
-    for suffix in (".vocab", ".model"):
-        os.replace(_with_suffix(tmp_prefix, suffix), _with_suffix(model_prefix, suffix))
-    return _with_suffix(model_prefix, ".model")
+    kind: ClassVar[str]  # "sentencepiece", "tiktoken" or "huggingface"
+    suffix: ClassVar[str]  # the file name ending this kind is recognised by, and saved with
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+
+    @property
+    @abstractmethod
+    def vocab_size(self) -> int:
+        """Token ids are 0 .. vocab_size - 1 (special tokens included)."""
+
+    @property
+    @abstractmethod
+    def document_start_id(self) -> int | None:
+        """The token that opens every document in a shard (SentencePiece's BOS, GPT-2's <|endoftext|>)."""
+
+    @abstractmethod
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        """Token ids of each text, as plain text: a special token's spelling inside a text is text."""
+
+    @abstractmethod
+    def decode(self, ids: Sequence[int]) -> str:
+        """The text of ids, special tokens left out."""
+
+    @abstractmethod
+    def token_bytes(self) -> TokenBytes:
+        """The byte tables bits-per-byte uses (vocab_size entries)."""
+
+    @abstractmethod
+    def fingerprint(self) -> str:
+        """sha256 identifying the tokenizer's content: a prepared corpus's manifest records it."""
+
+    @abstractmethod
+    def save(self, path: Path) -> None:
+        """Write the file that `load_tokenizer(path)` reads back as this tokenizer."""
+
+    def describe(self) -> str:
+        return f"{self.kind} {self.source} (vocab {self.vocab_size:,})"
 
 
-def _with_suffix(prefix: Path, suffix: str) -> Path:
-    # Not Path.with_suffix: a prefix such as "fineweb_1024.v2" already has a dot in its name.
-    return prefix.with_name(prefix.name + suffix)
+def load_tokenizer(spec: str | os.PathLike) -> Tokenizer:
+    """The tokenizer a user named: `gpt2`, or a path whose ending says its kind (table in the docstring)."""
+    if str(spec) == GPT2_NAME:
+        from speedrun.data.tokenizer_tiktoken import load_gpt2
 
+        return load_gpt2()
+    path = Path(spec)
+    if not path.is_file():
+        raise TokenizerError(f"tokenizer {path} not found")
+    if path.suffix == ".model":
+        from speedrun.data.tokenizer_sentencepiece import SentencePieceTokenizer
 
-def _vocab_error(message: str, vocab_size: int) -> ValueError:
-    """Turn SentencePiece's assertion text into one line that says what to change."""
-    too_high = re.search(r"Vocabulary size too high \(\d+\)\. Please set it to a value <= (\d+)", message)
-    if too_high:
-        return ValueError(
-            f"corpus too small for vocab {vocab_size}: its sample supports at most {too_high.group(1)} pieces; "
-            "use a smaller --vocab-size or give more text"
-        )
-    too_low = re.search(r"smaller than required_chars\. \d+ vs (\d+)", message)
-    if too_low:
-        return ValueError(
-            f"vocab {vocab_size} is too small for this corpus: 256 byte pieces, the special tokens and its "
-            f"common characters need at least {too_low.group(1)}; use a larger --vocab-size"
-        )
-    return ValueError(
-        f"SentencePiece training failed for vocab {vocab_size}: {message.strip().splitlines()[-1]}"
+        return SentencePieceTokenizer(path)
+    if path.suffix == ".tiktoken":
+        from speedrun.data.tokenizer_tiktoken import load_tiktoken_file
+
+        return load_tiktoken_file(path)
+    if path.suffix == ".json":
+        from speedrun.data.tokenizer_huggingface import HuggingFaceTokenizer
+
+        return HuggingFaceTokenizer(path)
+    raise TokenizerError(
+        f"tokenizer {path}: unknown kind; give a SentencePiece .model, a tiktoken .tiktoken rank file, "
+        f"a Hugging Face tokenizer .json, or {GPT2_NAME}"
     )
 
 
-def load_sentencepiece(path: str | os.PathLike) -> spm.SentencePieceProcessor:
-    """Load a `.model` file, with an error that names it instead of SentencePiece's internal assertion."""
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"tokenizer {path} not found")
-    try:
-        return spm.SentencePieceProcessor(model_file=str(path))
-    except (RuntimeError, OSError):
-        raise ValueError(
-            f"tokenizer {path} is not a SentencePiece .model file (corrupt or wrong format)"
-        ) from None
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
-def encode_documents(
-    processor: spm.SentencePieceProcessor, texts: Sequence[str], *, bos_id: int | None = None
-) -> np.ndarray:
-    """Encode documents into one uint16 array, each document preceded by BOS (parameter-golf's layout).
+def split_long_text(text: str, max_chars: int = MAX_PIECE_CHARS) -> list[str]:
+    """`text` cut into pieces of at most `max_chars` characters, at line ends where it can be.
 
-    BOS marks document boundaries for the model; no EOS is appended, as in the reference export.
+    Pieces are encoded separately, so no token spans a cut: a long document's tokens may differ from
+    encoding it whole at a few places per megabyte, while its text (and byte count) is unchanged. A line
+    longer than `max_chars` is cut at its last space, or at `max_chars` when it has none.
     """
-    bos = processor.bos_id() if bos_id is None else bos_id
-    if bos < 0:
-        raise ValueError("this tokenizer has no BOS piece; train it with bos_id=1")
-    if processor.get_piece_size() > MAX_TOKEN_ID + 1:
-        raise ValueError(f"vocab {processor.get_piece_size()} does not fit in uint16 shards (max 65536)")
-    encoded = processor.encode(list(texts), out_type=int)
-    tokens = np.empty(len(texts) + sum(len(ids) for ids in encoded), dtype=TOKEN_DTYPE)
+    pieces = []
+    start = 0
+    while len(text) - start > max_chars:
+        end = start + max_chars
+        cut = text.rfind("\n", start, end) + 1  # after the newline: 0 when there is none
+        if cut <= start:
+            cut = text.rfind(" ", start + 1, end)  # before the space, which opens the next word
+        if cut <= start:
+            cut = end
+        pieces.append(text[start:cut])
+        start = cut
+    pieces.append(text[start:])
+    return pieces
+
+
+def encode_pieces(tokenizer: Tokenizer, pieces: Sequence[tuple[str, bool]]) -> np.ndarray:
+    """Encode (text, opens_a_document) pieces into one uint16 array, a document start token before each
+    document (parameter-golf's and modded-nanogpt's layout: no end token)."""
+    start_id = tokenizer.document_start_id
+    if start_id is None:
+        raise TokenizerError(
+            f"tokenizer {tokenizer.source} has no document start token (BOS, <|endoftext|>) to separate documents"
+        )
+    if tokenizer.vocab_size > MAX_TOKEN_ID + 1:
+        raise TokenizerError(
+            f"tokenizer {tokenizer.source} has {tokenizer.vocab_size:,} tokens; uint16 shards hold at most 65,536"
+        )
+    encoded = tokenizer.encode_batch([text for text, _ in pieces])
+    starts = sum(opens for _, opens in pieces)
+    tokens = np.empty(starts + sum(len(ids) for ids in encoded), dtype=TOKEN_DTYPE)
     position = 0
-    for ids in encoded:
-        tokens[position] = bos
-        tokens[position + 1 : position + 1 + len(ids)] = ids
-        position += 1 + len(ids)
+    for (_, opens), ids in zip(pieces, encoded, strict=True):
+        if opens:
+            tokens[position] = start_id
+            position += 1
+        tokens[position : position + len(ids)] = ids
+        position += len(ids)
     return tokens
+
+
+def encode_documents(tokenizer: Tokenizer, texts: Sequence[str]) -> np.ndarray:
+    """Whole documents, each opened by the document start token; long ones encoded piece by piece."""
+    return encode_pieces(
+        tokenizer, [(piece, i == 0) for text in texts for i, piece in enumerate(split_long_text(text))]
+    )
