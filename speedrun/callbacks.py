@@ -36,6 +36,9 @@ class SweepState:
 
     stopped: str | None = None  # why the sweep stopped early, if it did
     not_run: list[Path] = field(default_factory=list)
+    # The sweep folder's lock, held from start to end. Here, not on the callback: launchers that run
+    # jobs elsewhere (submitit) pickle the callbacks, and a held lock cannot be pickled.
+    held: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)
 
 
 SWEEP = SweepState()
@@ -53,15 +56,12 @@ def _definition(config: DictConfig) -> list[str]:
 
 
 class SweepReport(Callback):
-    def __init__(self) -> None:
-        self._held = contextlib.ExitStack()
-
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         SWEEP.stopped = None
         SWEEP.not_run.clear()
         folder = RunFolder(config.hydra.sweep.dir)
         try:
-            self._held.enter_context(folder.lock("sweep"))
+            SWEEP.held.enter_context(folder.lock("sweep"))
         except RunFolderBusy as exc:
             self._fail(str(exc))
         record = folder.path / SWEEP_RECORD
@@ -69,7 +69,7 @@ class SweepReport(Callback):
         if record.is_file():
             earlier = json.loads(record.read_text()).get("overrides")
             if earlier != definition:
-                self._held.close()
+                SWEEP.held.close()
                 self._fail(
                     f"sweep folder {folder.path} holds another sweep ({shlex.join(earlier or [])}); "
                     "use a new hydra.sweep.dir, or the same command to resume that sweep"
@@ -81,7 +81,7 @@ class SweepReport(Callback):
         try:
             self._report(config)
         finally:
-            self._held.close()
+            SWEEP.held.close()
 
     def _report(self, config: DictConfig) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)

@@ -35,6 +35,26 @@ class RunFolderBusy(RuntimeError):
     """Another live process is using the folder."""
 
 
+class LogBuffer(logging.Handler):
+    """Keeps this process's log records while an attempt is checked, for train.log once it is accepted."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+    @contextlib.contextmanager
+    def attached(self):
+        root = logging.getLogger()
+        root.addHandler(self)
+        try:
+            yield self
+        finally:
+            root.removeHandler(self)
+
+
 def command_line() -> str:
     """How this process was started, as a shell line (`python -m speedrun.train ...` for the entry point)."""
     program = Path(sys.argv[0]) if sys.argv and sys.argv[0] else Path("python")
@@ -77,12 +97,10 @@ class RunFolder:
 
     # ---------------------------------------------------------------- what is already there
 
-    def holds_a_record(self) -> bool:
-        """Whether an earlier attempt left results here (a summary or metrics) that must be kept."""
-        return (self.path / "summary.json").is_file() or (self.path / "metrics.jsonl").is_file()
-
     def trained_before(self) -> bool:
-        """Whether an earlier attempt got as far as training (it logged metrics)."""
+        """Whether an earlier attempt got as far as training (it logged metrics): its record is a run's
+        results, which a later attempt that fails before training must not replace. (The record of an
+        attempt that itself failed before training is only that failure: the next one replaces it.)"""
         metrics = self.path / "metrics.jsonl"
         return metrics.is_file() and metrics.stat().st_size > 0
 
@@ -102,10 +120,13 @@ class RunFolder:
             os.replace(tmp, folder / name)
 
     @contextlib.contextmanager
-    def train_log(self):
-        """Rank 0's log lines also go to `train.log` (appended: a resumed run continues it) for the body."""
+    def train_log(self, earlier: list[logging.LogRecord] = ()):
+        """Rank 0's log lines also go to `train.log` (appended: a resumed run continues it) for the body,
+        after the `earlier` lines of this attempt (logged while it was checked, before it was accepted)."""
         handler = logging.FileHandler(self.path / "train.log")
         handler.setFormatter(logging.Formatter("%(message)s"))
+        for record in earlier:
+            handler.handle(record)
         root = logging.getLogger()
         root.addHandler(handler)
         try:

@@ -67,6 +67,27 @@ def signals_held():
         signal.raise_signal(signal.Signals[held.signal_name])
 
 
+def ignore_interrupts() -> None:
+    """In a worker process: Ctrl-C reaches the whole process group, and it is the parent's to handle
+    (it stops its workers itself)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+@contextlib.contextmanager
+def sigterm_raises(exception: type[BaseException]):
+    """SIGTERM raises `exception` where the program is while the body runs, so that a command-line tool
+    cleans up exactly as after Ctrl-C."""
+
+    def handler(signum, frame) -> None:
+        raise exception()
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def exit_as_signalled() -> None:
     """Leave the process as if SIGTERM had killed it (exit status 128 + 15).
 

@@ -28,9 +28,9 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from speedrun.config import CONF_DIR, compose, register_configs, validate_config
+from speedrun.config import CONF_DIR, ConfigError, compose, register_configs, validate_config
 from speedrun.config.resolvers import register_resolvers
-from speedrun.run_folder import RunFolder, RunFolderBusy, resume_command
+from speedrun.run_folder import LogBuffer, RunFolder, RunFolderBusy, resume_command
 from speedrun.signals import stop_as_interrupt
 from speedrun.summary import error_message, one_line, read_summary, record_early_end
 
@@ -97,7 +97,7 @@ def precheck(argv: list[str]) -> str | None:
                 overrides.append(f"{override.get_key_element()}={first}")
             except Exception:  # noqa: BLE001 - a sweep that only its sweeper can enumerate
                 continue
-        cfg = compose(overrides, config_name=args.config_name or "config")
+        cfg = _compose_or_explain(overrides, args.config_name or "config")
         nproc = cfg.trainer.nproc_per_node
         validate_config(
             cfg, world_size=1 if nproc == "auto" else int(str(nproc)) if str(nproc).isdigit() else 1
@@ -105,6 +105,27 @@ def precheck(argv: list[str]) -> str | None:
     except Exception as exc:  # noqa: BLE001 - any config error becomes its one line
         return one_line(exc)
     return None
+
+
+def _compose_or_explain(overrides: list[str], config_name: str) -> DictConfig:
+    """compose(), with Hydra's "Could not override 'a.b'" (a key no schema has) said as a fix."""
+    import difflib
+    import re
+
+    try:
+        return compose(overrides, config_name=config_name)
+    except Exception as exc:
+        unknown = re.match(r"Could not override '([^']+)'", str(exc))
+        if not unknown:
+            raise
+        key = unknown.group(1)
+        parent, _, leaf = key.rpartition(".")
+        others = [o for o in overrides if not o.lstrip("+~").startswith(f"{key}=")]
+        node = OmegaConf.select(compose(others, config_name=config_name), parent) if parent else None
+        known = [str(k) for k in node] if isinstance(node, DictConfig) else []
+        close = difflib.get_close_matches(leaf, known, n=1)
+        hint = f"did you mean {parent}.{close[0]}?" if close else f"its settings are: {', '.join(known)}"
+        raise ConfigError(f"{key} is not a setting of {parent or 'the config'}; {hint}") from None
 
 
 def run_info(cfg: DictConfig) -> dict:
@@ -163,7 +184,8 @@ class _nothing:
 def _attempt(cfg: DictConfig, info: dict, folder: RunFolder, rank0: bool, started: float) -> str:
     """Check, then (if accepted) run, one attempt; return how it ended."""
     try:
-        config = _check_before_training(cfg, info, folder, rank0)
+        with LogBuffer().attached() as checks_log:
+            config = _check_before_training(cfg, info, folder, rank0)
     except AlreadyCompleted as done:
         log.info("%s", done)
         return "completed"
@@ -176,7 +198,7 @@ def _attempt(cfg: DictConfig, info: dict, folder: RunFolder, rank0: bool, starte
         return _refuse(folder, info, cfg, rank0, started, "failed", error_message(exc))
     if rank0:
         folder.write_hydra_record(cfg, _hydra_config(), info["overrides"])
-    with folder.train_log() if rank0 else _nothing():
+    with folder.train_log(checks_log.records) if rank0 else _nothing():
         status, error = _launch(cfg, config, info, folder, rank0)
         if rank0:
             if status in ("interrupted", "failed") and (folder.path / "checkpoints").is_dir():
@@ -214,7 +236,7 @@ def _refuse(folder: RunFolder, info: dict, cfg: DictConfig, rank0: bool, started
     log.error("error: %s", error)
     if not rank0:
         return status
-    if not folder.holds_a_record():
+    if not folder.trained_before():
         folder.write_hydra_record(cfg, _hydra_config(), info["overrides"])
         record_early_end(folder.path, status, error, seed=cfg.seed, overrides=info["overrides"])
     folder.log_attempt(started, status if status == "interrupted" else "refused", error)

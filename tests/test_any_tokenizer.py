@@ -14,8 +14,8 @@ import pytest
 
 from speedrun.data import ShardDataset
 from speedrun.data.stdlib_corpus import stdlib_documents
-from speedrun.data.tokenizer import load_tokenizer
 from speedrun.data.tokenizer_huggingface import train_bytelevel
+from speedrun.data.tokenizer_kinds import load_tokenizer
 from tests.conftest import REPO, TINY, cli_env, read_summary, run_train
 from tests.tokenizer_builders import metaspace_json, rank_file_from_bytelevel
 

@@ -250,17 +250,25 @@ def test_sigterm_stops_every_rank(launcher: str, corpus: Path, tmp_path: Path) -
     summary = read_summary(run_dir)
     assert summary["status"] == "interrupted", summary
     assert list((run_dir / "checkpoints").glob("step_*.pt")), "rank 0 checkpoints when stopped"
+    log = (run_dir / "train.log").read_text()
     if launcher == "internal":
-        assert "world_size:2 grad_accum_steps:2 micro_batch_tokens:256" in (run_dir / "train.log").read_text()
+        assert "world_size:2 grad_accum_steps:2 micro_batch_tokens:256" in log
+    # The one command that resumes it, with the same launcher shape.
+    resume = next(line for line in log.splitlines() if line.startswith("resume with: "))
+    launcher_words = (
+        ["torchrun", "--standalone", "--nproc_per_node", "2"] if launcher == "torchrun" else ["python"]
+    )
+    assert resume.split()[2 : 2 + len(launcher_words)] == launcher_words, resume
+    assert resume.endswith(f"hydra.run.dir={run_dir}"), resume
 
 
 @pytest.mark.timeout(60)
 def test_a_micro_batch_that_does_not_divide_the_batch_is_refused(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     proc = run(job_command("internal", run_dir, *FAST, "trainer.micro_batch_tokens=384"))
-    assert proc.returncode != 0
-    assert "trainer.micro_batch_tokens=384" in proc.stdout + proc.stderr
-    assert "trainer.micro_batch_tokens=384" in read_summary(run_dir)["error"]
+    # Refused with the world size it names, before any folder is made.
+    assert proc.returncode != 0 and not run_dir.exists()
+    assert proc.stderr.startswith("error: ") and "trainer.micro_batch_tokens=384" in proc.stderr
 
 
 @pytest.mark.timeout(300)

@@ -11,6 +11,7 @@ import io
 import json
 import os
 import resource
+import shlex
 import shutil
 import signal
 import subprocess
@@ -25,6 +26,7 @@ import torch
 
 from speedrun.checkpoint import load_checkpoint
 from speedrun.data.shards import HEADER_BYTES, load_shard, write_shard
+from speedrun.sinks.wandb_reader import read_offline_runs
 from tests.conftest import REPO, TINY, cli_env, read_metrics, read_summary, run_train
 
 pytestmark = pytest.mark.usefixtures("corpus")
@@ -374,8 +376,10 @@ def test_resume_with_a_changed_config_is_refused_in_one_line_and_changes_nothing
     after = {
         p.name: p.read_bytes() for p in (run_dir, run_dir / "checkpoints") for p in p.iterdir() if p.is_file()
     }
-    after.pop("train.log"), before.pop("train.log")  # the log gains the error line
-    assert after == before  # no checkpoint, metric, summary or artifact touched
+    # Nothing of the run's record is touched (not even train.log); the attempt has its own line.
+    assert json.loads(after.pop("attempts.jsonl").splitlines()[-1])["status"] == "refused"
+    before.pop("attempts.jsonl", None)
+    assert after == before
 
 
 @pytest.mark.timeout(120)
@@ -487,3 +491,120 @@ def test_bad_data_is_one_clear_line_and_nothing_is_written(shard_folder, tmp_pat
     assert "Traceback" not in proc.stdout + proc.stderr
     assert not (run_dir / "checkpoints").exists() and not (run_dir / "final_model.int8.ptz").exists()
     assert read_summary(run_dir)["status"] == "failed" and str(culprit) in read_summary(run_dir)["error"]
+
+
+# ------------------------------------------------------------------- one folder, one run (issue 10)
+
+
+@pytest.mark.timeout(240)
+def test_a_live_run_folder_is_refused_naming_its_process_and_kill_9_cannot_leave_it_stuck(tmp_path):
+    run_dir = tmp_path / "run"
+    args = (*FAST, "trainer.val_every=0", "trainer.checkpoint_every=2", "trainer.export=false")
+    first = start_train(run_dir, *args, "trainer.max_steps=10000")
+    wait_until(lambda: len(checkpoint_names(run_dir)) >= 1, first)
+    record = {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file() and p.name != "metrics.jsonl"}
+    second = run_train(run_dir, *args, "trainer.max_steps=10000", check=False)
+    errors = error_lines(second)
+    assert second.returncode != 0 and len(errors) == 1, second.stdout + second.stderr
+    assert f"run folder {run_dir} is in use by process {first.pid}" in errors[0]
+    assert "Traceback" not in second.stdout + second.stderr and first.poll() is None
+    # The refused attempt wrote nothing: not even its attempts line (the folder belongs to a live run).
+    assert {p.name: p.read_bytes() for p in run_dir.iterdir() if p.name in record} == record
+    os.killpg(first.pid, signal.SIGKILL)
+    first.wait(timeout=30)
+    newest = int(checkpoint_names(run_dir)[-1][5:14])
+    third = run_train(run_dir, *args, f"trainer.max_steps={newest + 2}")
+    assert f"resumed from {run_dir / 'checkpoints' / f'step_{newest:09d}.pt'}" in third.stdout
+    assert read_summary(run_dir)["status"] == "completed"
+
+
+@pytest.mark.timeout(240)
+def test_an_interrupted_run_prints_the_one_command_that_resumes_it_bit_for_bit(reference, tmp_path):
+    run_dir = tmp_path / "run"
+    proc = start_train(run_dir, *EXACT)
+    wait_until(lambda: len(trained_steps(run_dir)) >= 5, proc)
+    os.killpg(proc.pid, signal.SIGTERM)
+    proc.wait(timeout=60)
+    assert proc.returncode != 0
+    printed = [line for line in output_of(run_dir).splitlines() if line.startswith("resume with: ")]
+    assert len(printed) == 1 and printed[0] in (run_dir / "train.log").read_text()
+    command = shlex.split(printed[0].removeprefix("resume with: "))
+    assert command[:3] == ["python", "-m", "speedrun.train"] and command[-1] == f"hydra.run.dir={run_dir}"
+    elsewhere = tmp_path / "elsewhere"  # the command works from any folder
+    elsewhere.mkdir()
+    resumed = subprocess.run([sys.executable, *command[1:]], cwd=elsewhere, env=cli_env(), capture_output=True,
+                             text=True, timeout=180)  # fmt: skip
+    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
+    assert_reproduces(run_dir, reference)
+    attempts = [json.loads(line) for line in (run_dir / "attempts.jsonl").read_text().splitlines()]
+    assert [a["status"] for a in attempts] == ["interrupted", "completed"]
+
+
+@pytest.mark.timeout(240)
+def test_a_stop_during_the_final_validation_ends_interrupted_with_the_end_checkpoint_and_resumes(tmp_path):
+    run_dir = tmp_path / "run"
+    # The whole validation split, in small batches: the final validation takes a few seconds.
+    args = (
+        *FAST,
+        "trainer.max_steps=4",
+        "trainer.val_every=0",
+        "data.val_tokens=0",
+        "trainer.val_batch_tokens=1024",
+    )
+    proc = start_train(run_dir, *args)
+    log = run_dir / "train.log"
+    wait_until(lambda: log.exists() and "step_000000004.pt" in log.read_text(), proc)
+    os.killpg(proc.pid, signal.SIGTERM)
+    proc.wait(timeout=60)
+    summary = read_summary(run_dir)
+    assert proc.returncode != 0 and summary["status"] == "interrupted", output_of(run_dir)
+    assert (
+        checkpoint_names(run_dir) == ["step_000000004.pt"] and not (run_dir / "final_model.int8.ptz").exists()
+    )
+    run_train(run_dir, *args)
+    summary = read_summary(run_dir)
+    assert (
+        summary["status"] == "completed" and summary["steps"] == 4 and summary["quant_val_loss"] is not None
+    )
+
+
+@pytest.mark.timeout(240)
+def test_each_attempt_reports_its_own_error_and_a_run_s_record_outlives_later_failures(reference, tmp_path):
+    run_dir = tmp_path / "run"
+    missing = tmp_path / "no-such-data"
+    first = run_train(run_dir, "data=shards", f"data.path={missing}", check=False)
+    assert first.returncode != 0 and str(missing) in error_lines(first)[0]
+    assert str(missing) in read_summary(run_dir)["error"]  # a new folder records its failure
+    other = tmp_path / "other-missing-data"
+    second = run_train(run_dir, "data=shards", f"data.path={other}", check=False)
+    assert str(other) in error_lines(second)[0] and str(missing) not in second.stdout + second.stderr
+    assert str(other) in read_summary(run_dir)["error"]  # its own error, not the stale one
+    # A completed run's record is never replaced by an attempt that fails before training.
+    done = copy_run(reference, tmp_path / "done")
+    kept = {
+        p: p.read_bytes()
+        for p in [done / "summary.json", done / "metrics.jsonl", *(done / ".hydra").iterdir()]
+    }
+    third = run_train(done, *EXACT, "data=shards", f"data.path={missing}", check=False)
+    assert third.returncode != 0 and str(missing) in error_lines(third)[0]
+    assert {p: p.read_bytes() for p in kept} == kept
+    last = json.loads((done / "attempts.jsonl").read_text().splitlines()[-1])
+    assert last["status"] == "refused" and str(missing) in last["error"]
+
+
+@pytest.mark.timeout(240)
+def test_a_resumed_run_continues_the_same_wandb_run_without_repeating_steps(tmp_path):
+    run_dir = tmp_path / "run"
+    args = (*EXACT, "logger=wandb", "logger.mode=offline", "trainer.export=false")
+    proc = start_train(run_dir, *args)
+    wait_until(lambda: len(trained_steps(run_dir)) >= 5, proc)
+    os.killpg(proc.pid, signal.SIGTERM)
+    proc.wait(timeout=60)
+    stopped = read_summary(run_dir)["steps"]
+    run_train(run_dir, *args)
+    first, second = read_offline_runs(run_dir)
+    assert first["id"] == second["id"] and second["exit_code"] == 0
+    rows = [(row["step"], tuple(sorted(k for k in row if not k.startswith("_")))) for row in
+            first["history"] + second["history"]]  # fmt: skip
+    assert len(rows) == len(set(rows)) == len(read_metrics(run_dir))  # each record once, none repeated
+    assert min(row["step"] for row in second["history"]) > stopped

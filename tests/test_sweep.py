@@ -5,9 +5,13 @@ from __future__ import annotations
 
 import csv
 import itertools
+import os
 import re
+import shlex
+import signal
 import subprocess
 import sys
+import time
 from datetime import datetime
 from pathlib import Path
 
@@ -21,7 +25,7 @@ from omegaconf import OmegaConf, open_dict
 
 from speedrun.callbacks import natural_key
 from speedrun.config import register_configs, validate_config
-from speedrun.config.resolvers import MAX_NAME_CHARS, register_resolvers
+from speedrun.config.resolvers import MAX_SHORT_NAME_CHARS, register_resolvers, safe_name
 from speedrun.sinks.wandb_reader import find_offline_runs, read_offline_run
 from tests.conftest import REPO, TINY, cli_env, read_summary
 
@@ -85,16 +89,16 @@ def test_lr_x_seq_len_sweep_logs_every_job_to_wandb_and_compares(tmp_path, corpu
         overrides = job_overrides(job)
         lr, seq_len = overrides["optimizer.matrix_lr"], overrides["data.seq_len"]
         swept.add((lr, seq_len))
-        # A folder name that is safe (no `/` from the path, so no nested folders), short, and cut between
-        # two items: every item left in it is one of the job's overrides, whole.
+        # A folder name that is safe (no `/` from the path, so no nested folders), in the short form (keys by
+        # their last part) since the whole is long, cut only between two items of overrides the preset does
+        # not sweep: every item left in it is one of the job's overrides, whole, swept keys first.
         assert (job / "summary.json").is_file()
-        assert len(job.name) <= len("0_") + MAX_NAME_CHARS
+        assert len(job.name) <= len("0_") + MAX_SHORT_NAME_CHARS
         head = HASHED_NAME.fullmatch(job.name.split("_", 1)[1])
-        assert head, job.name
-        whole_items = {UNSAFE.sub("_", f"{key}={value}") for key, value in overrides.items()}
-        assert set(head["head"].split(",")) <= whole_items, job.name
-        assert head["head"].startswith(f"optimizer.matrix_lr={lr},data.seq_len={seq_len}")  # swept keys first
-
+        name = head["head"] if head else job.name.split("_", 1)[1]
+        short = {UNSAFE.sub("_", f"{key.rsplit('.', 1)[-1]}={value}") for key, value in overrides.items()}
+        assert set(name.split(",")) <= short, job.name
+        assert name.startswith(f"matrix_lr={lr},seq_len={seq_len}")  # swept keys first
         summary = read_summary(job)
         assert summary["status"] == "completed" and summary["error"] is None
         assert f"seq_len:{seq_len} " in (job / "train.log").read_text()
@@ -148,7 +152,9 @@ def test_failed_and_diverged_jobs_do_not_stop_the_sweep(tmp_path):
             expected[job.name] = "diverged"
         else:
             expected[job.name] = "completed"
-    report = proc.stdout[proc.stdout.index("failed jobs") :].splitlines()[1:]
+    lines = proc.stdout.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("did not complete"))
+    report = list(itertools.takewhile(lambda line: line.startswith("  "), lines[start + 1 :]))
     assert len(report) == 3
     for job in jobs:
         summary = read_summary(job)
@@ -265,3 +271,73 @@ def test_every_job_of_every_preset_fits_the_default_job(preset):
     assert len(jobs) > 1
     for job in jobs:
         validate_config(compose_sweep(f"+sweep={preset}", *job))
+
+
+def test_job_folders_name_every_swept_value_of_the_lr_preset():
+    """+sweep=lr sweeps three keys; with a few other overrides the name is long, but no value is dropped."""
+    swept = {"optimizer.matrix_lr": None, "optimizer.scalar_lr": None, "optimizer.embed_lr": None}
+    names = set()
+    for matrix in ("0.02", "0.04", "0.06"):
+        for scalar in ("0.02", "0.04"):
+            for embed in ("0.03", "0.05"):
+                summary = (
+                    f"data.cache_dir=/a/long/cache/path/that/goes/on,model=gpt_tiny,optimizer.embed_lr={embed},"
+                    f"optimizer.matrix_lr={matrix},optimizer.scalar_lr={scalar},trainer.max_steps=300"
+                )
+                name = safe_name(summary, swept)
+                assert name.startswith(f"matrix_lr={matrix},scalar_lr={scalar},embed_lr={embed}"), name
+                names.add(HASHED_NAME.sub(r"\g<head>", name))
+    assert len(names) == 12  # told apart by their values, not by a hash
+
+
+@pytest.mark.timeout(300)
+def test_ctrl_c_stops_the_whole_sweep_and_the_printed_command_resumes_it(tmp_path, corpus):
+    sweep = tmp_path / "sweep"
+    args = ["-m", "seed=1,2,3", *TINY, "trainer.max_steps=40", "trainer.val_every=0", "trainer.log_every=1",
+            "trainer.export=false", f"data.cache_dir={corpus}", f"hydra.sweep.dir={sweep}"]  # fmt: skip
+    with open(tmp_path / "out.txt", "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "speedrun.train", *args], cwd=tmp_path, env=cli_env(),
+                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+    deadline = time.monotonic() + 120
+
+    def first_job_trained() -> bool:
+        folders = list(sweep.glob("0_*")) if sweep.is_dir() else []
+        metrics = folders[0] / "metrics.jsonl" if folders else None
+        return metrics is not None and metrics.exists() and metrics.read_text().count("train/loss") >= 2
+
+    while not first_job_trained():
+        assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "out.txt").read_text()
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C reaches the terminal's whole foreground group
+    proc.wait(timeout=60)
+    output = (tmp_path / "out.txt").read_text()
+    assert proc.returncode == 1, output
+    (first,) = job_folders(sweep)  # no later job started
+    assert first.name.startswith("0_") and read_summary(first)["status"] == "interrupted"
+    assert "0/3 jobs completed" in output
+    not_run = next(line for line in output.splitlines() if line.startswith("not run (interrupted): "))
+    assert [name.split("_")[0] for name in not_run.split(": ", 1)[1].split(", ")] == ["1", "2"]
+    resume = next(line for line in output.splitlines() if line.startswith("resume the sweep: "))
+    command = shlex.split(resume.removeprefix("resume the sweep: "))
+    proc = subprocess.run([sys.executable, *command[1:]], cwd=tmp_path, env=cli_env(), capture_output=True,
+                          text=True, timeout=240)  # fmt: skip
+    assert proc.returncode == 0, explain(proc)
+    assert "3/3 jobs completed" in proc.stdout
+    assert (
+        f"resumed from {sweep / '0_seed=1' / 'checkpoints'}" in (sweep / "0_seed=1" / "train.log").read_text()
+    )
+    assert all(read_summary(job)["steps"] == 40 for job in job_folders(sweep))
+
+
+@pytest.mark.timeout(120)
+def test_a_second_sweep_into_the_same_folder_is_refused(tmp_path, corpus):
+    sweep = tmp_path / "sweep"
+    common = [*TINY, "trainer.max_steps=2", "trainer.val_every=0", "trainer.export=false", f"data.cache_dir={corpus}",
+              f"hydra.sweep.dir={sweep}"]  # fmt: skip
+    assert run_cli("speedrun.train", "-m", "seed=1,2", *common, cwd=tmp_path, timeout=100).returncode == 0
+    before = sorted(p.name for p in sweep.iterdir())
+    other = run_cli("speedrun.train", "-m", "seed=3,4", *common, cwd=tmp_path, timeout=100)
+    assert other.returncode != 0 and f"sweep folder {sweep} holds another sweep" in other.stderr, explain(
+        other
+    )
+    assert sorted(p.name for p in sweep.iterdir()) == before

@@ -21,10 +21,10 @@ from speedrun.data.tokenizer import (
     Tokenizer,
     TokenizerError,
     encode_documents,
-    load_tokenizer,
     split_long_text,
 )
 from speedrun.data.tokenizer_huggingface import bytes_to_unicode, train_bytelevel
+from speedrun.data.tokenizer_kinds import load_tokenizer
 from speedrun.eval import count_target_bytes
 from tests.tokenizer_builders import metaspace_json, rank_file_from_bytelevel
 

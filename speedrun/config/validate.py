@@ -177,17 +177,19 @@ def _check_numbers(node: object, path: str) -> None:
 
 def _check_known_keys(node: DictConfig, path: str) -> None:
     """Keys a typed schema does not have, added with `+key=value` (which bypasses the schema)."""
+    # Hydra's own node (present when composed with it) is Hydra's business.
+    keys = [key for key in node if not (path == "" and key == "hydra")]
     schema = OmegaConf.get_type(node)
     if dataclasses.is_dataclass(schema):
         known = [f.name for f in dataclasses.fields(schema)]
-        for key in node:
+        for key in keys:
             if key not in known:
                 close = difflib.get_close_matches(str(key), known, n=1)
                 hint = f"did you mean {path}{close[0]}?" if close else f"the keys are: {', '.join(known)}"
                 raise ConfigError(
                     f"{path}{key} is not a setting of {path.rstrip('.') or 'the config'}; {hint}"
                 )
-    for key in node:
+    for key in keys:
         child = node._get_node(key)
         if isinstance(child, DictConfig) and not child._is_none() and not child._is_missing():
             _check_known_keys(child, f"{path}{key}.")

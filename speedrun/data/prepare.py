@@ -49,9 +49,10 @@ from speedrun.data.tokenizer import (
     Tokenizer,
     TokenizerError,
     encode_pieces,
-    load_tokenizer,
     split_long_text,
 )
+from speedrun.data.tokenizer_kinds import load_tokenizer
+from speedrun.signals import ignore_interrupts, sigterm_raises
 
 SPLITS = ("val", "train")
 TOKENIZER_STEM = "tokenizer"  # tokenizer.model, tokenizer.tiktoken or tokenizer.json, by kind
@@ -309,9 +310,8 @@ _worker_tokenizer: Tokenizer | None = None
 
 
 def _init_worker(tokenizer_file: str) -> None:
-    # Each worker loads the tokenizer once, not once per chunk. SIGINT is the parent's to handle: a
-    # Ctrl-C reaches the whole process group, and the parent stops the pool.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # Each worker loads the tokenizer once, not once per chunk; Ctrl-C is the parent's to handle.
+    ignore_interrupts()
     global _worker_tokenizer
     _worker_tokenizer = load_tokenizer(tokenizer_file)
 
@@ -707,10 +707,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _terminate(signum: int, frame: object) -> None:
-    raise Terminated()
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
@@ -721,9 +717,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(
             f"--vocab-size {args.vocab_size} does not fit uint16 shards (at most {MAX_TOKEN_ID + 1})"
         )
-    previous = signal.signal(signal.SIGTERM, _terminate)
     try:
-        prepare(args, argv)
+        with sigterm_raises(Terminated):
+            prepare(args, argv)
     except PrepareError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -737,8 +733,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Terminated:
         print("error: terminated (SIGTERM); no shards were written", file=sys.stderr)
         return 128 + signal.SIGTERM
-    finally:
-        signal.signal(signal.SIGTERM, previous)
     return 0
 
 

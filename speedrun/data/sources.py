@@ -19,7 +19,8 @@ from speedrun.data.paths import resolve_path
 from speedrun.data.shards import ShardError, list_shards, load_shard, read_shard_header
 from speedrun.data.stdlib_corpus import build_stdlib_corpus, default_cache_dir
 from speedrun.data.stream import DistributedTokenLoader
-from speedrun.data.tokenizer import GPT2_NAME, Tokenizer, TokenizerError, load_tokenizer
+from speedrun.data.tokenizer import GPT2_NAME, Tokenizer, TokenizerError
+from speedrun.data.tokenizer_kinds import load_tokenizer
 
 log = logging.getLogger(__name__)
 

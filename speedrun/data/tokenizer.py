@@ -18,7 +18,6 @@ uses. No kind imports torch: preparing a corpus does not need it.
 from __future__ import annotations
 
 import hashlib
-import os
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -105,37 +104,10 @@ class Tokenizer(ABC):
 
     @abstractmethod
     def save(self, path: Path) -> None:
-        """Write the file that `load_tokenizer(path)` reads back as this tokenizer."""
+        """Write the file that `speedrun.data.tokenizer_kinds.load_tokenizer(path)` reads back as this tokenizer."""
 
     def describe(self) -> str:
         return f"{self.kind} {self.source} (vocab {self.vocab_size:,})"
-
-
-def load_tokenizer(spec: str | os.PathLike) -> Tokenizer:
-    """The tokenizer a user named: `gpt2`, or a path whose ending says its kind (table in the docstring)."""
-    if str(spec) == GPT2_NAME:
-        from speedrun.data.tokenizer_tiktoken import load_gpt2
-
-        return load_gpt2()
-    path = Path(spec)
-    if not path.is_file():
-        raise TokenizerError(f"tokenizer {path} not found")
-    if path.suffix == ".model":
-        from speedrun.data.tokenizer_sentencepiece import SentencePieceTokenizer
-
-        return SentencePieceTokenizer(path)
-    if path.suffix == ".tiktoken":
-        from speedrun.data.tokenizer_tiktoken import load_tiktoken_file
-
-        return load_tiktoken_file(path)
-    if path.suffix == ".json":
-        from speedrun.data.tokenizer_huggingface import HuggingFaceTokenizer
-
-        return HuggingFaceTokenizer(path)
-    raise TokenizerError(
-        f"tokenizer {path}: unknown kind; give a SentencePiece .model, a tiktoken .tiktoken rank file, "
-        f"a Hugging Face tokenizer .json, or {GPT2_NAME}"
-    )
 
 
 def file_sha256(path: Path) -> str:

@@ -96,21 +96,32 @@ def _item_key(item: object) -> str:
 def read_offline_run(run_dir: str | Path) -> dict:
     """The latest offline wandb run under `run_dir`, as plain Python values:
 
-    `{"config", "group", "name", "job_type", "tags", "notes", "history": [row, ...], "summary",
+    `{"id", "config", "group", "name", "job_type", "tags", "notes", "history": [row, ...], "summary",
     "exit_code"}`; `exit_code` is None when the run never finished. History rows include wandb's own
     `_step`, `_runtime` and `_timestamp`.
     """
-    files = find_offline_runs(run_dir)
-    if not files:
+    runs = read_offline_runs(run_dir)
+    if not runs:
         raise FileNotFoundError(
             f"no offline wandb run under {run_dir}/wandb/ (expected offline-run-*/run-*.wandb)"
         )
-    result: dict = {"config": {}, "history": [], "summary": {}, "exit_code": None}
-    for record in iter_records(files[-1]):
+    return runs[-1]
+
+
+def read_offline_runs(run_dir: str | Path) -> list[dict]:
+    """Every offline wandb run file under `run_dir`, oldest first (a resumed run adds one per attempt,
+    all with the same `id`), each as `read_offline_run` describes."""
+    return [_read_run_file(path) for path in find_offline_runs(run_dir)]
+
+
+def _read_run_file(path: Path) -> dict:
+    result: dict = {"id": None, "config": {}, "history": [], "summary": {}, "exit_code": None}
+    for record in iter_records(path):
         kind = record.WhichOneof("record_type")
         if kind == "run":
             run = record.run
             result.update(
+                id=run.run_id or None,
                 group=run.run_group or None,
                 name=run.display_name or None,
                 job_type=run.job_type or None,
