@@ -8,6 +8,7 @@ import csv
 import importlib
 import inspect
 import re
+import shutil
 import subprocess
 import sys
 from dataclasses import MISSING, fields
@@ -304,8 +305,15 @@ def test_a_non_editable_install_runs_from_an_unrelated_folder(tmp_path, corpus):
     site = next((venv / "lib").glob("python*/site-packages"))
     ours = [p for p in sys.path if p.endswith("site-packages") and Path(p).is_dir()]
     (site / "borrowed.pth").write_text("\n".join(ours) + "\n")
+    # From a copy of what the package is made of: pip builds in the source folder (build/, *.egg-info).
+    source = tmp_path / "source"
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, source / name)
+    for name in ("speedrun", "hydra_plugins"):
+        shutil.copytree(REPO / name, source / name, ignore=shutil.ignore_patterns("__pycache__"))
     install = [str(venv / "bin" / "python"), "-m", "pip", "install", "--quiet", "--no-deps",
-               "--no-build-isolation", "--no-index", str(REPO)]  # fmt: skip
+               "--no-build-isolation", "--no-index", str(source)]  # fmt: skip
     proc = subprocess.run(install, capture_output=True, text=True, timeout=180, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     installed = subprocess.run([str(venv / "bin" / "python"), "-c", "import speedrun; print(speedrun.__file__)"],
