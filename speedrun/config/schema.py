@@ -34,9 +34,30 @@ class GPTConfig:
     mlp_mult: int = 2
     tie_embeddings: bool = True
     tied_embed_init_std: float = 0.005
-    logit_softcap: float = 30.0
+    logit_softcap: float = 30.0  # 0 = no soft cap
     rope_base: float = 10000.0
     qk_gain_init: float = 1.5
+    # The record's tricks, each a switch (README "Models"; +sweep=ablate turns them off one at a time).
+    unet_skips: bool = True
+    x0_mix: bool = True
+    q_gain: bool = True
+    qk_norm: bool = True
+    zero_init_projections: bool = True
+    mlp_activation: str = "relu2"  # relu2 | gelu | swiglu
+    # Name fragments of the blocks' 2-D control tensors: scalar Adam, fp32 in training and artifact.
+    control_patterns: list[str] = field(
+        default_factory=lambda: [
+            "attn_scale",
+            "attn_scales",
+            "mlp_scale",
+            "mlp_scales",
+            "resid_mix",
+            "resid_mixes",
+            "q_gain",
+            "skip_weight",
+            "skip_weights",
+        ]
+    )
 
 
 # --------------------------------------------------------------------------- optimizer
