@@ -73,7 +73,8 @@ class MuonAdamConfig:
     _partial_: bool = True
     matrix_lr: float = 0.04
     scalar_lr: float = 0.04
-    embed_lr: float = 0.05
+    embed_lr: float = 0.05  # the token embedding when it is also the head (the reference's TIED_EMBED_LR)
+    untied_embed_lr: float = 0.6  # ... and when the model has its own head (the reference's EMBED_LR)
     head_lr: float = 0.008
     momentum: float = 0.95
     momentum_warmup_start: float = 0.85
@@ -96,6 +97,7 @@ class AdamWConfig:
     matrix_lr: float = 0.003
     scalar_lr: float = 0.003
     embed_lr: float = 0.01
+    untied_embed_lr: float = 0.12
     head_lr: float = 0.003
     weight_decay: float = 0.0
     beta1: float = 0.9
