@@ -24,7 +24,7 @@ def safe_name(text: str, swept: object = None) -> str:
     middle, `data.seq_len=1` for 128, would read as another value) and ends with a short hash of the
     whole, so that two long names never collide.
     """
-    first = [str(key) for key in (swept or {})]
+    first = [str(key).lstrip("+~") for key in (swept or {})]  # `+ablate` sweeps the key `ablate`
 
     def rank(item: str) -> int:
         key = item.split("=", 1)[0].lstrip("+~")
