@@ -182,3 +182,14 @@ def test_record_preset_counts_17_059_912_parameters_by_role():
     assert parameter_counts(model) == {
         "total": 17_059_912, "embed": embed, "head": 0, "matrix": matrix, "scalar": scalar,
     }  # fmt: skip
+
+
+@pytest.mark.usefixtures("corpus")
+@pytest.mark.timeout(120)
+def test_a_bad_switch_value_is_one_error_line_naming_the_key(tmp_path):
+    proc = run_train(tmp_path / "run", "model.mlp_activation=tanh", check=False)
+    output = proc.stdout + proc.stderr
+    errors = [line for line in output.splitlines() if line.startswith("error:")]
+    assert proc.returncode != 0 and "Traceback" not in output
+    assert len(errors) == 1 and "model.mlp_activation='tanh'" in errors[0] and "swiglu" in errors[0], errors
+    assert read_summary(tmp_path / "run")["status"] == "failed"
