@@ -31,7 +31,7 @@ from speedrun.distributed import DistContext
 from speedrun.eval import evaluate
 from speedrun.export import code_bytes, load_artifact, save_artifact
 from speedrun.flops import mfu
-from speedrun.models.protocol import scalar_parameter_names
+from speedrun.models.protocol import parameter_counts, scalar_parameter_names
 from speedrun.signals import StopRequest
 
 log = logging.getLogger("speedrun")
@@ -446,6 +446,7 @@ class Trainer:
             "val_bpb": self.last_val[1] if self.last_val else None,
             "min_val_bpb": self.min_val_bpb if math.isfinite(self.min_val_bpb) else None,
             "params": sum(p.numel() for p in self.model.parameters()),
+            "params_by_role": {k: v for k, v in parameter_counts(self.model).items() if k != "total"},
             "steps": steps,
             "tokens_seen": tokens_seen,
             "train_time_ms": round(train_time_ms, 3),

@@ -77,7 +77,7 @@ def test_single_layer_model_has_no_skip_weights_to_optimize():
 @pytest.mark.parametrize("factory", [MuonAdam, AdamW])
 def test_optimizers_cover_the_model_with_a_learning_rate_per_role(factory):
     model = tiny_gpt(tie_embeddings=False)
-    opt = build(factory, model, matrix_lr=0.1, scalar_lr=0.2, embed_lr=0.3, head_lr=0.4)
+    opt = build(factory, model, matrix_lr=0.1, scalar_lr=0.2, untied_embed_lr=0.3, head_lr=0.4)
     optimized = [p for g in opt.param_groups for p in g["params"]]
     assert sorted(map(id, optimized)) == sorted(map(id, model.parameters()))
     assert {g["name"]: g["lr"] for g in opt.param_groups} == {

@@ -28,7 +28,7 @@ def safe_name(text: str, swept: object = None) -> str:
     items, never a value in the middle), and the name then ends with a short hash of the whole; a
     swept value is never cut, so no two jobs of a sweep differ only by that hash.
     """
-    first = [str(key) for key in (swept or {})]
+    first = [str(key).lstrip("+~") for key in (swept or {})]  # `+ablate` sweeps the key `ablate`
 
     def key_of(item: str) -> str:
         return item.split("=", 1)[0].lstrip("+~")

@@ -34,9 +34,30 @@ class GPTConfig:
     mlp_mult: int = 2
     tie_embeddings: bool = True
     tied_embed_init_std: float = 0.005
-    logit_softcap: float = 30.0
+    logit_softcap: float = 30.0  # 0 = no soft cap
     rope_base: float = 10000.0
     qk_gain_init: float = 1.5
+    # The record's tricks, each a switch (README "Models"; +sweep=ablate turns them off one at a time).
+    unet_skips: bool = True
+    x0_mix: bool = True
+    q_gain: bool = True
+    qk_norm: bool = True
+    zero_init_projections: bool = True
+    mlp_activation: str = "relu2"  # relu2 | gelu | swiglu
+    # Name fragments of the blocks' 2-D control tensors: scalar Adam, fp32 in training and artifact.
+    control_patterns: list[str] = field(
+        default_factory=lambda: [
+            "attn_scale",
+            "attn_scales",
+            "mlp_scale",
+            "mlp_scales",
+            "resid_mix",
+            "resid_mixes",
+            "q_gain",
+            "skip_weight",
+            "skip_weights",
+        ]
+    )
 
 
 # --------------------------------------------------------------------------- optimizer
@@ -52,7 +73,8 @@ class MuonAdamConfig:
     _partial_: bool = True
     matrix_lr: float = 0.04
     scalar_lr: float = 0.04
-    embed_lr: float = 0.05
+    embed_lr: float = 0.05  # the token embedding when it is also the head (the reference's TIED_EMBED_LR)
+    untied_embed_lr: float = 0.6  # ... and when the model has its own head (the reference's EMBED_LR)
     head_lr: float = 0.008
     momentum: float = 0.95
     momentum_warmup_start: float = 0.85
@@ -75,6 +97,7 @@ class AdamWConfig:
     matrix_lr: float = 0.003
     scalar_lr: float = 0.003
     embed_lr: float = 0.01
+    untied_embed_lr: float = 0.12
     head_lr: float = 0.003
     weight_decay: float = 0.0
     beta1: float = 0.9

@@ -1,13 +1,19 @@
 """parameter-golf's GPT: the model of the "Training Opt Seq4096 v1" record, math unchanged.
 
-A pre-norm transformer with
-- grouped-query attention (SDPA, causal), RoPE, RMS-normed q and k with a learned per-head gain,
-- a ReLU² MLP,
-- U-net skips: the first half of the blocks stores its outputs, the second half adds them back
+A pre-norm transformer with grouped-query attention (SDPA, causal) and RoPE, plus the record's tricks,
+each a constructor switch (`model.<key>`) whose default is the record's, so that an ablation turns
+one off and nothing else changes:
+- `qk_norm`: q and k are RMS-normed before RoPE,
+- `q_gain`: a learned per-head gain on q (the attention temperature; initial value `qk_gain_init`),
+- `mlp_activation`: ReLU² (`relu2`), or `gelu`, or `swiglu`,
+- `unet_skips`: the first half of the blocks stores its outputs, the second half adds them back
   (last in, first out) with learned per-channel weights,
-- an "x0 mix": every block first blends its input with the normalized embedding,
-- zero-initialized output projections, so every block starts as the identity,
-- a tanh soft cap on the logits and (by default) a head tied to the token embedding.
+- `x0_mix`: every block first blends its input with the normalized embedding, with learned weights,
+- `zero_init_projections`: output projections start at zero, so every block starts as the identity,
+- `logit_softcap`: a tanh soft cap on the logits (0: none),
+- `tie_embeddings`: the head is the token embedding.
+A switch that is off leaves its parameters out (not unused), so parameter counts and the optimizer's
+groups show exactly what the ablation removed.
 
 Modules are built in the reference's order so that the same seed draws the same initial weights,
 and parameter names are the reference's: optimizer grouping and export select tensors by name.
@@ -19,9 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-# Small per-channel "control" tensors. They stay fp32 in mixed-precision training and have the
-# `scalar` role (speedrun/models/protocol.py): the scalar Adam group rather than Muon, and stored
-# unquantized in the int8 export.
+# Small per-channel "control" tensors, found by name (the default of `model.control_patterns`). With
+# the blocks' vectors they have the `scalar` role (speedrun/models/protocol.py): the scalar Adam group
+# rather than Muon, fp32 in mixed-precision training, and stored unquantized in the int8 export.
 CONTROL_TENSOR_NAME_PATTERNS: tuple[str, ...] = (
     "attn_scale",
     "attn_scales",
@@ -35,8 +41,11 @@ CONTROL_TENSOR_NAME_PATTERNS: tuple[str, ...] = (
 )
 
 
-def is_control_tensor(name: str) -> bool:
-    return any(pattern in name for pattern in CONTROL_TENSOR_NAME_PATTERNS)
+MLP_ACTIVATIONS = ("relu2", "gelu", "swiglu")
+
+
+def is_control_tensor(name: str, patterns: tuple[str, ...] = CONTROL_TENSOR_NAME_PATTERNS) -> bool:
+    return any(pattern in name for pattern in patterns)
 
 
 class RMSNorm(nn.Module):
@@ -93,19 +102,32 @@ def apply_rotary_emb(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 
 class CausalSelfAttention(nn.Module):
-    def __init__(self, dim: int, num_heads: int, num_kv_heads: int, rope_base: float, qk_gain_init: float):
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        num_kv_heads: int,
+        rope_base: float,
+        qk_gain_init: float,
+        qk_norm: bool = True,
+        q_gain: bool = True,
+    ):
         super().__init__()
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads
         self.head_dim = dim // num_heads
+        self.qk_norm = qk_norm
         kv_dim = num_kv_heads * self.head_dim
         self.c_q = CastedLinear(dim, dim, bias=False)
         self.c_k = CastedLinear(dim, kv_dim, bias=False)
         self.c_v = CastedLinear(dim, kv_dim, bias=False)
         self.proj = CastedLinear(dim, dim, bias=False)
         self.proj._zero_init = True
-        # q and k are RMS-normed, so the attention temperature is learned here, per head.
-        self.q_gain = nn.Parameter(torch.full((num_heads,), qk_gain_init, dtype=torch.float32))
+        # With q and k RMS-normed, the attention temperature is learned here, per head. Without it the
+        # scores keep SDPA's fixed 1/sqrt(head_dim) scale.
+        self.q_gain = (
+            nn.Parameter(torch.full((num_heads,), qk_gain_init, dtype=torch.float32)) if q_gain else None
+        )
         self.rotary = Rotary(self.head_dim, base=rope_base)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -113,12 +135,14 @@ class CausalSelfAttention(nn.Module):
         q = self.c_q(x).reshape(bsz, seqlen, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.c_k(x).reshape(bsz, seqlen, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = self.c_v(x).reshape(bsz, seqlen, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        q = F.rms_norm(q, (q.size(-1),))
-        k = F.rms_norm(k, (k.size(-1),))
+        if self.qk_norm:
+            q = F.rms_norm(q, (q.size(-1),))
+            k = F.rms_norm(k, (k.size(-1),))
         cos, sin = self.rotary(seqlen, q.dtype)
         q = apply_rotary_emb(q, cos, sin)
         k = apply_rotary_emb(k, cos, sin)
-        q = q * self.q_gain.to(dtype=q.dtype)[None, :, None, None]
+        if self.q_gain is not None:
+            q = q * self.q_gain.to(dtype=q.dtype)[None, :, None, None]
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=None, is_causal=True, enable_gqa=self.num_kv_heads != self.num_heads
         )
@@ -126,19 +150,35 @@ class CausalSelfAttention(nn.Module):
         return self.proj(y)
 
 
-class MLP(nn.Module):
-    """ReLU² MLP, from modded-nanogpt."""
+def swiglu_hidden_size(dim: int, mlp_mult: int) -> int:
+    """SwiGLU's hidden width: it has three matrices where ReLU² has two, so it takes 2/3 of ReLU²'s
+    mlp_mult * dim (the convention of Shazeer's "GLU Variants Improve Transformer" and LLaMA), which
+    keeps parameters and FLOPs equal; rounded to a multiple of 8 so bf16 matmuls stay aligned."""
+    return 8 * max(1, round(2 * mlp_mult * dim / 3 / 8))
 
-    def __init__(self, dim: int, mlp_mult: int):
+
+class MLP(nn.Module):
+    """The feed-forward block: ReLU² (from modded-nanogpt, the record's), exact GELU, or SwiGLU
+    (`proj(silu(gate(x)) * fc(x))`, narrower: see swiglu_hidden_size)."""
+
+    def __init__(self, dim: int, mlp_mult: int, activation: str = "relu2"):
         super().__init__()
-        hidden = mlp_mult * dim
+        self.activation = activation
+        hidden = swiglu_hidden_size(dim, mlp_mult) if activation == "swiglu" else mlp_mult * dim
         self.fc = CastedLinear(dim, hidden, bias=False)
+        self.gate = CastedLinear(dim, hidden, bias=False) if activation == "swiglu" else None
         self.proj = CastedLinear(hidden, dim, bias=False)
         self.proj._zero_init = True
 
     def forward(self, x: Tensor) -> Tensor:
-        x = torch.relu(self.fc(x))
-        return self.proj(x.square())
+        h = self.fc(x)
+        if self.activation == "relu2":
+            h = torch.relu(h).square()
+        elif self.activation == "gelu":
+            h = F.gelu(h)
+        else:
+            h = F.silu(self.gate(x)) * h
+        return self.proj(h)
 
 
 class Block(nn.Module):
@@ -150,32 +190,33 @@ class Block(nn.Module):
         mlp_mult: int,
         rope_base: float,
         qk_gain_init: float,
+        qk_norm: bool = True,
+        q_gain: bool = True,
+        mlp_activation: str = "relu2",
+        x0_mix: bool = True,
     ):
         super().__init__()
         self.attn_norm = RMSNorm()
         self.mlp_norm = RMSNorm()
-        self.attn = CausalSelfAttention(dim, num_heads, num_kv_heads, rope_base, qk_gain_init)
-        self.mlp = MLP(dim, mlp_mult)
+        self.attn = CausalSelfAttention(
+            dim, num_heads, num_kv_heads, rope_base, qk_gain_init, qk_norm, q_gain
+        )
+        self.mlp = MLP(dim, mlp_mult, mlp_activation)
         self.attn_scale = nn.Parameter(torch.ones(dim, dtype=torch.float32))
         self.mlp_scale = nn.Parameter(torch.ones(dim, dtype=torch.float32))
         # Row 0 weighs the running residual, row 1 the block-0 input x0; starts as "x only".
-        self.resid_mix = nn.Parameter(torch.stack((torch.ones(dim), torch.zeros(dim))).float())
+        self.resid_mix = (
+            nn.Parameter(torch.stack((torch.ones(dim), torch.zeros(dim))).float()) if x0_mix else None
+        )
 
     def forward(self, x: Tensor, x0: Tensor) -> Tensor:
-        mix = self.resid_mix.to(dtype=x.dtype)
-        x = mix[0][None, None, :] * x + mix[1][None, None, :] * x0
+        if self.resid_mix is not None:
+            mix = self.resid_mix.to(dtype=x.dtype)
+            x = mix[0][None, None, :] * x + mix[1][None, None, :] * x0
         attn_out = self.attn(self.attn_norm(x))
         x = x + self.attn_scale.to(dtype=x.dtype)[None, None, :] * attn_out
         x = x + self.mlp_scale.to(dtype=x.dtype)[None, None, :] * self.mlp(self.mlp_norm(x))
         return x
-
-
-def restore_low_dim_params_to_fp32(module: nn.Module) -> None:
-    """Put vectors, scalars and control tensors back in fp32 after a blanket `.bfloat16()`."""
-    with torch.no_grad():
-        for name, param in module.named_parameters():
-            if (param.ndim < 2 or is_control_tensor(name)) and param.dtype != torch.float32:
-                param.data = param.data.float()
 
 
 class GPT(nn.Module):
@@ -192,23 +233,37 @@ class GPT(nn.Module):
         logit_softcap: float = 30.0,
         rope_base: float = 10000.0,
         qk_gain_init: float = 1.5,
+        unet_skips: bool = True,
+        x0_mix: bool = True,
+        q_gain: bool = True,
+        qk_norm: bool = True,
+        zero_init_projections: bool = True,
+        mlp_activation: str = "relu2",
+        control_patterns: tuple[str, ...] = CONTROL_TENSOR_NAME_PATTERNS,
     ):
         super().__init__()
-        _check_shape(num_layers, model_dim, num_heads, num_kv_heads, logit_softcap)
+        _check_config(num_layers, model_dim, num_heads, num_kv_heads, logit_softcap, mlp_activation)
         self.num_layers = num_layers
         self.num_heads = num_heads
         self.head_dim = model_dim // num_heads
         self.tie_embeddings = tie_embeddings
         self.tied_embed_init_std = tied_embed_init_std
         self.logit_softcap = logit_softcap
+        self.zero_init_projections = zero_init_projections
+        self.control_patterns = tuple(control_patterns)
         self.tok_emb = nn.Embedding(vocab_size, model_dim)
         self.num_encoder_layers = num_layers // 2
         self.num_decoder_layers = num_layers - self.num_encoder_layers
-        self.num_skip_weights = min(self.num_encoder_layers, self.num_decoder_layers)
-        self.skip_weights = nn.Parameter(torch.ones(self.num_skip_weights, model_dim, dtype=torch.float32))
+        self.num_skip_weights = min(self.num_encoder_layers, self.num_decoder_layers) if unet_skips else 0
+        self.skip_weights = (
+            nn.Parameter(torch.ones(self.num_skip_weights, model_dim, dtype=torch.float32))
+            if unet_skips
+            else None
+        )
+        block_switches = dict(qk_norm=qk_norm, q_gain=q_gain, mlp_activation=mlp_activation, x0_mix=x0_mix)
         self.blocks = nn.ModuleList(
             [
-                Block(model_dim, num_heads, num_kv_heads, mlp_mult, rope_base, qk_gain_init)
+                Block(model_dim, num_heads, num_kv_heads, mlp_mult, rope_base, qk_gain_init, **block_switches)
                 for _ in range(num_layers)
             ]
         )
@@ -220,23 +275,29 @@ class GPT(nn.Module):
 
     def _init_weights(self) -> None:
         # A tied embedding doubles as the output head, so it starts small; an untied one keeps
-        # nn.Embedding's N(0, 1). CastedLinear keeps nn.Linear's default unless marked _zero_init.
+        # nn.Embedding's N(0, 1). CastedLinear keeps nn.Linear's default unless it is an output
+        # projection (marked _zero_init) and zero_init_projections is on. Zeroing happens after every
+        # layer drew its default weights, so the switch changes no other tensor's initial values.
         if self.tie_embeddings:
             nn.init.normal_(self.tok_emb.weight, mean=0.0, std=self.tied_embed_init_std)
+        if not self.zero_init_projections:
+            return
         for module in self.modules():
             if isinstance(module, nn.Linear) and getattr(module, "_zero_init", False):
                 nn.init.zeros_(module.weight)
 
     def logits(self, input_ids: Tensor) -> Tensor:
-        """Soft-capped logits, shape (batch, seq, vocab)."""
+        """Logits, soft-capped unless logit_softcap is 0, shape (batch, seq, vocab)."""
         x = self.tok_emb(input_ids)
         x = F.rms_norm(x, (x.size(-1),))
         x0 = x
         skips: list[Tensor] = []
-        # First half stores skips; second half reuses them in reverse order.
+        # First half stores skips; second half reuses them in reverse order. Without U-net skips nothing
+        # is stored, and this is a plain residual stack.
         for i in range(self.num_encoder_layers):
             x = self.blocks[i](x, x0)
-            skips.append(x)
+            if self.skip_weights is not None:
+                skips.append(x)
         for i in range(self.num_decoder_layers):
             if skips:
                 x = x + self.skip_weights[i].to(dtype=x.dtype)[None, None, :] * skips.pop()
@@ -244,10 +305,11 @@ class GPT(nn.Module):
         bsz, seqlen, dim = x.shape
         x = self.final_norm(x).reshape(-1, dim)
         if self.lm_head is None:
-            logits_proj = F.linear(x, self.tok_emb.weight)
+            logits = F.linear(x, self.tok_emb.weight)
         else:
-            logits_proj = self.lm_head(x)
-        logits = self.logit_softcap * torch.tanh(logits_proj / self.logit_softcap)
+            logits = self.lm_head(x)
+        if self.logit_softcap > 0:
+            logits = self.logit_softcap * torch.tanh(logits / self.logit_softcap)
         return logits.reshape(bsz, seqlen, -1)
 
     def forward(self, input_ids: Tensor, target_ids: Tensor) -> Tensor:
@@ -260,19 +322,20 @@ class GPT(nn.Module):
     def parameter_roles(self) -> dict[str, str]:
         """The reference's optimizer split (see speedrun/models/protocol.py), in its order: the token
         embedding (also the head when tied), an untied head, the blocks' matrices (Muon), then the
-        blocks' vectors and control tensors followed by the skip weights (scalar Adam)."""
+        blocks' vectors and control tensors (names matching `control_patterns`) followed by the skip
+        weights (scalar Adam)."""
         roles = {"tok_emb.weight": "embed"}
         if self.lm_head is not None:
             roles["lm_head.weight"] = "head"
         block_params = [(f"blocks.{name}", p) for name, p in self.blocks.named_parameters()]
         for name, p in block_params:
-            if p.ndim == 2 and not is_control_tensor(name):
+            if p.ndim == 2 and not is_control_tensor(name, self.control_patterns):
                 roles[name] = "matrix"
         for name, p in block_params:
-            if p.ndim < 2 or is_control_tensor(name):
+            if p.ndim < 2 or is_control_tensor(name, self.control_patterns):
                 roles[name] = "scalar"
         # With a single layer there is nothing to skip over; the reference leaves the empty tensor out.
-        if self.skip_weights.numel() > 0:
+        if self.skip_weights is not None and self.skip_weights.numel() > 0:
             roles["skip_weights"] = "scalar"
         return roles
 
@@ -284,7 +347,7 @@ class GPT(nn.Module):
            bf16-rounded above 256, as in the reference.
         2. CastedLinear weights back to fp32: Muon's updates and momentum need the precision;
            the layers cast to bf16 at matmul time anyway.
-        3. Vectors, scalars and control tensors back to fp32: they are tiny and multiply the
+        3. The `scalar` role (vectors and control tensors) back to fp32: they are tiny and multiply the
            residual stream directly, so bf16 rounding of their updates would stall them.
         Call it before the first forward: RoPE tables are recomputed from the cast inv_freq.
         """
@@ -294,7 +357,11 @@ class GPT(nn.Module):
                 module.float()
             if isinstance(module, Rotary):
                 module.reset_cache()
-        restore_low_dim_params_to_fp32(self)
+        params = dict(self.named_parameters())
+        with torch.no_grad():
+            for name, role in self.parameter_roles().items():
+                if role == "scalar":
+                    params[name].data = params[name].data.float()
         return self
 
     def matmul_params(self) -> int:
@@ -313,8 +380,13 @@ class GPT(nn.Module):
         return float(6 * self.matmul_params() + attention)
 
 
-def _check_shape(
-    num_layers: int, model_dim: int, num_heads: int, num_kv_heads: int, logit_softcap: float
+def _check_config(
+    num_layers: int,
+    model_dim: int,
+    num_heads: int,
+    num_kv_heads: int,
+    logit_softcap: float,
+    mlp_activation: str,
 ) -> None:
     if num_layers < 1:
         raise ValueError(f"model.num_layers={num_layers}: need at least 1 layer")
@@ -338,5 +410,9 @@ def _check_shape(
             f"head_dim = model.model_dim / model.num_heads = {head_dim} is odd, but RoPE rotates pairs; "
             "change model_dim or num_heads so that model_dim / num_heads is even"
         )
-    if logit_softcap <= 0.0:
-        raise ValueError(f"model.logit_softcap={logit_softcap} must be positive")
+    if logit_softcap < 0.0:
+        raise ValueError(f"model.logit_softcap={logit_softcap} must be positive, or 0 for no soft cap")
+    if mlp_activation not in MLP_ACTIVATIONS:
+        raise ValueError(
+            f"model.mlp_activation={mlp_activation!r} is not one of {', '.join(MLP_ACTIVATIONS)}; pick one of those"
+        )

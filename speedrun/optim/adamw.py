@@ -12,7 +12,9 @@ class AdamW(MultiOptimizer):
     """One torch AdamW with a param group per role (embed, head when untied, matrix, scalar).
 
     Weight decay applies to the matrices only: decaying embeddings, gains and mixes towards zero
-    fights their role. The default learning rates are untuned starting points.
+    fights their role. The default learning rates are untuned starting points; an untied embedding
+    (the model has a `head` role) uses untied_embed_lr, 12x embed_lr as in parameter-golf (0.6 vs
+    0.05), since it starts at N(0, 1) rather than the tied head's small init.
     """
 
     def __init__(
@@ -22,6 +24,7 @@ class AdamW(MultiOptimizer):
         matrix_lr: float = 0.003,
         scalar_lr: float = 0.003,
         embed_lr: float = 0.01,
+        untied_embed_lr: float = 0.12,
         head_lr: float = 0.003,
         weight_decay: float = 0.0,
         beta1: float = 0.9,
@@ -31,7 +34,7 @@ class AdamW(MultiOptimizer):
     ):
         roles = groups_by_role(param_groups)
         settings = {
-            "embed": (embed_lr, 0.0),
+            "embed": (untied_embed_lr if roles.get("head") else embed_lr, 0.0),
             "head": (head_lr, 0.0),
             "matrix": (matrix_lr, weight_decay),
             "scalar": (scalar_lr, 0.0),

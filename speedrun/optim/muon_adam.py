@@ -10,8 +10,8 @@ from speedrun.optim.muon import Muon
 
 class MuonAdam(MultiOptimizer):
     """The reference's optimizer set, over the model's parameter roles (speedrun/models/protocol.py):
-    Adam on `embed` (embed_lr: the reference's tied_embed_lr when tied, embed_lr when untied), Adam on
-    `head` (head_lr), Muon on `matrix` (matrix_lr, its momentum warmed up linearly from
+    Adam on `embed` (embed_lr when the embedding is also the head, the reference's TIED_EMBED_LR;
+    untied_embed_lr when the model has a `head` role, its EMBED_LR), Adam on `head` (head_lr), Muon on `matrix` (matrix_lr, its momentum warmed up linearly from
     momentum_warmup_start over momentum_warmup_steps), Adam on `scalar` (scalar_lr).
     """
 
@@ -22,6 +22,7 @@ class MuonAdam(MultiOptimizer):
         matrix_lr: float = 0.04,
         scalar_lr: float = 0.04,
         embed_lr: float = 0.05,
+        untied_embed_lr: float = 0.6,
         head_lr: float = 0.008,
         momentum: float = 0.95,
         momentum_warmup_start: float = 0.85,
@@ -48,7 +49,7 @@ class MuonAdam(MultiOptimizer):
             # The reference compiles Newton-Schulz with the model, on CUDA; on CPU it only costs time.
             compile_newtonschulz = any(p.is_cuda for p in roles.get("matrix", []))
         builders = {
-            "embed": lambda: adam("embed", embed_lr),
+            "embed": lambda: adam("embed", untied_embed_lr if roles.get("head") else embed_lr),
             "head": lambda: adam("head", head_lr),
             "matrix": lambda: Muon(
                 [{"name": "matrix", "params": roles["matrix"]}],
