@@ -64,6 +64,11 @@ class MuonAdamConfig:
     grad_clip_norm: float = 0.0
     # "auto" = run Newton-Schulz through torch.compile when the parameters are on CUDA.
     compile_newtonschulz: Any = "auto"
+    # Not in the reference (the defaults reproduce it): Muon's look-ahead momentum, and decoupled
+    # weight decay on the Muon matrices, optionally cautious (only where update and weight agree in sign).
+    nesterov: bool = True
+    weight_decay: float = 0.0
+    cautious_weight_decay: bool = False
 
 
 @dataclass
