@@ -55,7 +55,7 @@ class NanochatModelConfig:
     logit_softcap: float = 15.0
     rope_base: float = 10000.0
     pad_vocab_to: int = 64
-    attention: str = "auto"  # auto (flex on CUDA, masked SDPA elsewhere) | sdpa | flex
+    attention: str = "auto"  # auto (flex when compiled on CUDA, masked SDPA elsewhere) | sdpa | flex
 
 
 # --------------------------------------------------------------------------- optimizer

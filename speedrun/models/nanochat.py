@@ -170,7 +170,8 @@ class NanochatGPT(nn.Module):
 
     sequence_len: the longest sequence trained on; the windows are fractions of it, and RoPE tables
     cover 10x it (nanochat's margin for generation).
-    attention: `auto` (FlexAttention on CUDA, the exact masked SDPA elsewhere), `sdpa` or `flex`.
+    attention: `auto` (FlexAttention when compiled on CUDA, the exact masked SDPA elsewhere), `sdpa`
+    or `flex`.
     """
 
     def __init__(
@@ -245,8 +246,10 @@ class NanochatGPT(nn.Module):
                 nn.init.zeros_(block.attn.ve_gate.weight)
 
     def _backend(self, device: torch.device) -> str:
+        """FlexAttention pays off only compiled (uncompiled, it computes every block); `auto` uses it
+        where torch.compile runs on CUDA, the masked SDPA elsewhere. Both compute the same attention."""
         if self.attention == "auto":
-            return "flex" if device.type == "cuda" else "sdpa"
+            return "flex" if device.type == "cuda" and torch.compiler.is_compiling() else "sdpa"
         return self.attention
 
     def logits(self, input_ids: Tensor) -> Tensor:
