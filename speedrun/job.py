@@ -33,15 +33,17 @@ def _configure_rank_logging(run_dir: Path, rank: int) -> None:
             root.addHandler(handler)
 
 
-def resolve_max_steps(trainer_cfg, flops_per_token: float, params: int) -> int | None:
-    """The step horizon: max_steps, else nanochat's target FLOPs, else its data:param ratio."""
+def resolve_max_steps(trainer_cfg, flops_per_token: float, scaling_params: int) -> int | None:
+    """The step horizon: max_steps, else nanochat's target FLOPs, else its data:param ratio, which counts
+    nanochat's "scaling parameters": the weights of the `matrix` and `head` roles (embedding lookups
+    and scalars excluded; see `_plan`)."""
     batch = trainer_cfg.train_batch_tokens
     if trainer_cfg.max_steps > 0:
         return int(trainer_cfg.max_steps)
     if trainer_cfg.target_flops > 0:
         return max(round(trainer_cfg.target_flops / (flops_per_token * batch)), 1)
     if trainer_cfg.target_param_data_ratio > 0:
-        return max(int(trainer_cfg.target_param_data_ratio * params) // batch, 1)
+        return max(int(trainer_cfg.target_param_data_ratio * scaling_params) // batch, 1)
     return None
 
 
@@ -147,6 +149,8 @@ def build_trainer(config: dict, info: dict, ctx, run_dir: Path):
     if config["model"].get("vocab_size") is not None:
         data.check_model_vocab(config["model"]["vocab_size"])
     optimizer = instantiate(cfg.optimizer)(protocol.parameter_groups(model))
+    if callable(getattr(optimizer, "set_horizon", None)):
+        optimizer.set_horizon(plan.max_steps)  # for schedules the optimizer owns (nanochat's weight decay)
     schedule = instantiate(cfg.schedule)(max_steps=plan.max_steps, max_wallclock_ms=plan.max_wallclock_ms)
     if ctx.is_main:
         _log_plan(plan, settings, ctx, model)
@@ -168,7 +172,7 @@ def _plan(config: dict, info: dict, settings, ctx, run_dir: Path, model):
 
     seq_len = config["data"]["seq_len"]
     flops_per_token = protocol.flops_per_token(model, seq_len)
-    params = sum(p.numel() for p in model.parameters())
+    counts = protocol.parameter_counts(model)
     grad_accum, micro_tokens = split_batch(
         settings.train_batch_tokens, settings.micro_batch_tokens, ctx.world_size, seq_len
     )
@@ -177,7 +181,7 @@ def _plan(config: dict, info: dict, settings, ctx, run_dir: Path, model):
     resume = info.get("resume", "never")  # the parent chose it (train.py), the same for every rank
     return RunPlan(
         run_dir=run_dir, seq_len=seq_len, grad_accum_steps=grad_accum, micro_batch_tokens=micro_tokens,
-        max_steps=resolve_max_steps(settings, flops_per_token, params),
+        max_steps=resolve_max_steps(settings, flops_per_token, counts["matrix"] + counts["head"]),
         max_wallclock_ms=1000.0 * settings.max_wallclock_seconds if settings.max_wallclock_seconds > 0 else None,
         compile=parse_compile(settings.compile, ctx.device.type == "cuda"),
         autocast_dtype=torch.bfloat16 if bf16 else None, flops_per_token=flops_per_token,

@@ -60,6 +60,25 @@ class GPTConfig:
     )
 
 
+@dataclass
+class NanochatModelConfig:
+    """nanochat's GPT (speedrun/models/nanochat.py, karpathy/nanochat 07c4dd4): every shape follows
+    `depth` (width = depth x aspect_ratio rounded up to a multiple of head_dim); defaults are nanochat's
+    own (base_train.py's depth 20, 896,535,720 parameters)."""
+
+    _target_: str = "speedrun.models.nanochat.NanochatGPT"
+    vocab_size: int = 32768
+    depth: int = 20
+    aspect_ratio: int = 64
+    head_dim: int = 128
+    sequence_len: int = 2048
+    window_pattern: str = "SSSL"  # tiled over the layers: L = full context, S = half; the last layer is L
+    logit_softcap: float = 15.0
+    rope_base: float = 10000.0
+    pad_vocab_to: int = 64
+    attention: str = "auto"  # auto (flex when compiled on CUDA, masked SDPA elsewhere) | sdpa | flex
+
+
 # --------------------------------------------------------------------------- optimizer
 # Optimizers are partials: the trainer completes them with the model's parameter groups
 # (speedrun.models.protocol.parameter_groups).
@@ -86,6 +105,11 @@ class MuonAdamConfig:
     grad_clip_norm: float = 0.0
     # "auto" = run Newton-Schulz through torch.compile when the parameters are on CUDA.
     compile_newtonschulz: Any = "auto"
+    # Not in the reference (the defaults reproduce it): Muon's look-ahead momentum, and decoupled
+    # weight decay on the Muon matrices, optionally cautious (only where update and weight agree in sign).
+    nesterov: bool = True
+    weight_decay: float = 0.0
+    cautious_weight_decay: bool = False
 
 
 @dataclass
@@ -104,6 +128,33 @@ class AdamWConfig:
     beta2: float = 0.95
     eps: float = 1e-8
     grad_clip_norm: float = 0.0
+
+
+@dataclass
+class NanochatOptimizerConfig:
+    """nanochat's AdamW + Muon (speedrun/optim/nanochat.py) with base_train.py's defaults: LRs tuned at
+    width 768 and 2^19 tokens per step and rescaled to the model and batch; Muon's cautious weight decay
+    tuned at depth 12, scaled by (12/depth)^2 and decayed linearly to 0 over the run."""
+
+    _target_: str = "speedrun.optim.nanochat.NanochatMuonAdamW"
+    _partial_: bool = True
+    matrix_lr: float = 0.02
+    embed_lr: float = 0.3
+    head_lr: float = 0.004
+    scalar_lr: float = 0.5
+    resid_lr_scale: float = 0.01  # the residual lambdas' LR as a fraction of scalar_lr
+    x0_beta1: float = 0.96  # the x0 lambdas' Adam beta1
+    beta1: float = 0.8
+    beta2: float = 0.95
+    eps: float = 1e-10
+    weight_decay: float = 0.2
+    depth: int = 12  # the model's depth, for the weight-decay scaling
+    batch_tokens: int = 524288  # the global batch, for the LR scaling
+    momentum: float = 0.95
+    momentum_warmup_start: float = 0.85
+    momentum_warmup_steps: int = 300
+    muon_beta2: float = 0.95  # the EMA rate of Muon's factored second moment
+    ns_steps: int = 5  # Polar Express iterations (1-5)
 
 
 # --------------------------------------------------------------------------- schedule
@@ -272,8 +323,8 @@ class Config:
 SCHEMA_GROUP = "speedrun_schema"
 
 SCHEMAS: dict[str, dict[str, type]] = {
-    "model": {"gpt": GPTConfig},
-    "optimizer": {"muon_adam": MuonAdamConfig, "adamw": AdamWConfig},
+    "model": {"gpt": GPTConfig, "nanochat": NanochatModelConfig},
+    "optimizer": {"muon_adam": MuonAdamConfig, "adamw": AdamWConfig, "nanochat": NanochatOptimizerConfig},
     "schedule": {"wallclock_warmdown": WallclockWarmdownConfig, "wsd": WSDConfig},
     "data": {
         "stdlib": StdlibDataConfig,

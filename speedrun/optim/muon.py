@@ -41,12 +41,23 @@ def compiled_zeropower() -> Callable[..., Tensor]:
     return torch.compile(zeropower_via_newtonschulz5)
 
 
+def decayed_step(params: Tensor, update: Tensor, lr: float, weight_decay: float, cautious: bool) -> None:
+    """params -= lr·update + lr·weight_decay·params: the update plus decoupled weight decay (scaled by the
+    LR, not by the gradient's statistics). `cautious` decays only the coordinates where the update and
+    the weight agree in sign, i.e. where the step already moves the weight towards zero."""
+    decay = params * ((update * params) >= 0) if cautious else params
+    params.sub_(lr * update + lr * weight_decay * decay)
+
+
 class Muon(torch.optim.Optimizer):
     """Muon for 2-D parameters.
 
     momentum_warmup_steps > 0 ramps the momentum linearly from momentum_warmup_start to `momentum`
     over that many steps (the reference's schedule); the step count lives in each param group, so it
     is saved and restored with the optimizer's state.
+    nesterov: the look-ahead gradient + momentum·buffer (the reference's), else the buffer itself.
+    weight_decay > 0 adds decoupled weight decay (see `decayed_step`), cautious with
+    cautious_weight_decay; the reference has none.
     compile_newtonschulz: run Newton–Schulz through torch.compile (worth it on CUDA; leave it off
     on CPU, where it only adds compile time and needs a C++ toolchain).
     """
@@ -61,12 +72,18 @@ class Muon(torch.optim.Optimizer):
         momentum_warmup_start: float = 0.0,
         momentum_warmup_steps: int = 0,
         compile_newtonschulz: bool = False,
+        weight_decay: float = 0.0,
+        cautious_weight_decay: bool = False,
     ):
+        if weight_decay < 0:
+            raise ValueError(f"optimizer.weight_decay={weight_decay} must be >= 0 (0 = no weight decay)")
         defaults = dict(
             lr=lr,
             momentum=momentum,
             backend_steps=backend_steps,
             nesterov=nesterov,
+            weight_decay=weight_decay,
+            cautious_weight_decay=cautious_weight_decay,
             momentum_warmup_start=momentum_warmup_start,
             momentum_warmup_steps=momentum_warmup_steps,
             steps_taken=0,
@@ -119,7 +136,10 @@ class Muon(torch.optim.Optimizer):
             offset = 0
             for p in params:
                 update = updates_flat[offset : offset + p.numel()].view_as(p).to(dtype=p.dtype)
-                p.add_(update, alpha=-lr)
+                if group["weight_decay"] > 0:
+                    decayed_step(p, update, lr, group["weight_decay"], group["cautious_weight_decay"])
+                else:
+                    p.add_(update, alpha=-lr)
                 offset += p.numel()
             group["steps_taken"] += 1
         return loss

@@ -13,6 +13,9 @@ class MuonAdam(MultiOptimizer):
     Adam on `embed` (embed_lr when the embedding is also the head, the reference's TIED_EMBED_LR;
     untied_embed_lr when the model has a `head` role, its EMBED_LR), Adam on `head` (head_lr), Muon on `matrix` (matrix_lr, its momentum warmed up linearly from
     momentum_warmup_start over momentum_warmup_steps), Adam on `scalar` (scalar_lr).
+
+    Options the reference does not use (their defaults reproduce it): `nesterov` (Muon's look-ahead
+    momentum) and Muon's decoupled `weight_decay`, cautious with `cautious_weight_decay`.
     """
 
     def __init__(
@@ -33,6 +36,9 @@ class MuonAdam(MultiOptimizer):
         eps: float = 1e-8,
         grad_clip_norm: float = 0.0,
         compile_newtonschulz: bool | str = "auto",
+        nesterov: bool = True,
+        weight_decay: float = 0.0,
+        cautious_weight_decay: bool = False,
     ):
         roles = groups_by_role(param_groups)
 
@@ -58,7 +64,10 @@ class MuonAdam(MultiOptimizer):
                 momentum_warmup_start=momentum_warmup_start,
                 momentum_warmup_steps=momentum_warmup_steps,
                 backend_steps=backend_steps,
+                nesterov=nesterov,
                 compile_newtonschulz=bool(compile_newtonschulz),
+                weight_decay=weight_decay,
+                cautious_weight_decay=cautious_weight_decay,
             ),
             "scalar": lambda: adam("scalar", scalar_lr),
         }
