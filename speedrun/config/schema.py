@@ -89,12 +89,14 @@ class AdamWConfig:
 
 @dataclass
 class WallclockWarmdownConfig:
-    """The reference's schedule: full LR, then a linear decay to 0 over the last `warmdown_iters`."""
+    """The reference's schedule: full LR, then a linear decay to final_lr_frac (0) over the last `warmdown_iters`."""
 
     _target_: str = "speedrun.schedules.WallclockWarmdown"
     _partial_: bool = True
     warmdown_iters: int = 1200
     warmdown_fraction: float = 0.0
+    # The decay ends at this fraction of the peak LR (0: parameter-golf's decay to zero).
+    final_lr_frac: float = 0.0
 
 
 @dataclass
