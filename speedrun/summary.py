@@ -21,6 +21,10 @@ SUMMARY_FIELDS = (
 def error_message(exc: BaseException) -> str:
     """summary.json's `error` for an exception: its type and first line, so that tables and sweep
     reports stay one line per job (the whole traceback is in train.log)."""
+    # Hydra wraps a component's own error (a model refusing its options) in an InstantiationException
+    # whose first line only names the class; the component's message names the key and the fix.
+    while type(exc).__name__ == "InstantiationException" and exc.__cause__ is not None:
+        exc = exc.__cause__
     lines = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {lines[0] if lines else ''}".rstrip(": ")
 

@@ -39,6 +39,37 @@ class GPTConfig:
     qk_gain_init: float = 1.5
 
 
+@dataclass
+class ModdedGPTConfig:
+    """modded-nanogpt's record-#20 model (speedrun/models/modded.py); the defaults are the record's."""
+
+    _target_: str = "speedrun.models.ModdedGPT"
+    vocab_size: int = 50257
+    num_layers: int = 12
+    model_dim: int = 768
+    num_heads: int = 6
+    mlp_mult: int = 4
+    # The head's rows are the vocabulary rounded up to this multiple (50,257 -> 50,304).
+    vocab_pad_multiple: int = 128
+    # Value embeddings: the first n and the last n layers use embeddings 0..n-1 ("012 ... 012"), or
+    # value_embed_layers lists one embedding index (-1: none) per layer.
+    num_value_embeds: int = 3
+    value_embed_layers: list[int] | None = None
+    # Long (L) or short (S) window per layer of the first half, tiled and mirrored onto the second half.
+    window_pattern: str = "LSSSLS"
+    skip_attention_layers: list[int] = field(default_factory=lambda: [7])
+    # The window is counted in blocks of this many tokens; the long one grows with training progress
+    # to ceil(max_window_tokens / window_block_size) blocks, the short one is half of it (at least 1).
+    window_block_size: int = 128
+    max_window_tokens: int = 1728
+    attn_scale: float = 0.12
+    logit_softcap: float = 15.0
+    # Documents start at this token (GPT-2's <|endoftext|>); attention never crosses one. -1: no documents.
+    bos_id: int = 50256
+    # FP8 head matmul in bf16 training on GPUs with FP8 tensor cores (compute capability >= 8.9).
+    fp8_head: bool = True
+
+
 # --------------------------------------------------------------------------- optimizer
 # Optimizers are partials: the trainer completes them with the model's parameter groups
 # (speedrun.models.protocol.parameter_groups).
@@ -228,7 +259,7 @@ class Config:
 SCHEMA_GROUP = "speedrun_schema"
 
 SCHEMAS: dict[str, dict[str, type]] = {
-    "model": {"gpt": GPTConfig},
+    "model": {"gpt": GPTConfig, "modded": ModdedGPTConfig},
     "optimizer": {"muon_adam": MuonAdamConfig, "adamw": AdamWConfig},
     "schedule": {"wallclock_warmdown": WallclockWarmdownConfig, "wsd": WSDConfig},
     "data": {"stdlib": StdlibDataConfig, "shards": ShardDataConfig, "fineweb": FinewebDataConfig},

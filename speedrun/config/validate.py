@@ -90,17 +90,24 @@ def validate_config(cfg: DictConfig, world_size: int = 1) -> None:
             f"model.model_dim={model.model_dim} is not divisible by model.num_heads={model.num_heads}; "
             "change one so that model_dim / num_heads is an integer head size",
         )
-        _require(
-            model.num_heads % model.num_kv_heads == 0,
-            f"model.num_heads={model.num_heads} is not divisible by model.num_kv_heads={model.num_kv_heads}; "
-            "grouped-query attention needs num_kv_heads to divide num_heads",
-        )
+        if "num_kv_heads" in model:  # models without grouped-query attention have no such key
+            _require(
+                model.num_heads % model.num_kv_heads == 0,
+                f"model.num_heads={model.num_heads} is not divisible by model.num_kv_heads={model.num_kv_heads}; "
+                "grouped-query attention needs num_kv_heads to divide num_heads",
+            )
         _require(
             (model.model_dim // model.num_heads) % 2 == 0,
             f"head size model.model_dim/model.num_heads={model.model_dim // model.num_heads} must be even "
             "for rotary embeddings; change model_dim or num_heads",
         )
     _require(data.seq_len > 0, f"data.seq_len={data.seq_len} must be positive")
+    if "window_block_size" in model:  # block-wise sliding windows (model=modded)
+        _require(
+            model.window_block_size > 0 and data.seq_len % model.window_block_size == 0,
+            f"data.seq_len={data.seq_len} is not a whole number of model.window_block_size={model.window_block_size} "
+            "token blocks; make seq_len a multiple of it",
+        )
     split_batch(trainer.train_batch_tokens, trainer.micro_batch_tokens, world_size, data.seq_len)
     _require(
         trainer.val_batch_tokens >= data.seq_len * world_size,
