@@ -114,6 +114,27 @@ class AdamWConfig:
     grad_clip_norm: float = 0.0
 
 
+@dataclass
+class ModdedMuonAdamConfig:
+    """modded-nanogpt record #20's optimizers: batched Muon on matrices, one Adam (eps 1e-10) for the rest."""
+
+    _target_: str = "speedrun.optim.ModdedMuonAdam"
+    _partial_: bool = True
+    matrix_lr: float = 0.05
+    scalar_lr: float = 0.04
+    embed_lr: float = 0.6
+    head_lr: float = 0.008
+    momentum: float = 0.95
+    momentum_warmup_start: float = 0.85
+    momentum_warmup_steps: int = 300
+    backend_steps: int = 5
+    beta1: float = 0.8
+    beta2: float = 0.95
+    eps: float = 1e-10
+    # "auto" = run Newton-Schulz through torch.compile when the parameters are on CUDA.
+    compile_newtonschulz: Any = "auto"
+
+
 # --------------------------------------------------------------------------- schedule
 # Schedules are partials: the trainer completes them with the horizon (max_steps, max_wallclock_ms).
 
@@ -260,7 +281,7 @@ SCHEMA_GROUP = "speedrun_schema"
 
 SCHEMAS: dict[str, dict[str, type]] = {
     "model": {"gpt": GPTConfig, "modded": ModdedGPTConfig},
-    "optimizer": {"muon_adam": MuonAdamConfig, "adamw": AdamWConfig},
+    "optimizer": {"muon_adam": MuonAdamConfig, "adamw": AdamWConfig, "modded": ModdedMuonAdamConfig},
     "schedule": {"wallclock_warmdown": WallclockWarmdownConfig, "wsd": WSDConfig},
     "data": {"stdlib": StdlibDataConfig, "shards": ShardDataConfig, "fineweb": FinewebDataConfig},
     "trainer": {"trainer": TrainerConfig},
