@@ -157,7 +157,7 @@ class Trainer:
             group["lr"] = group["initial_lr"] * scale
 
     def _tell_progress(self, step: int, elapsed_ms: float) -> None:
-        """The model's optional view of the horizon (models/protocol.py): the further along of steps and time."""
+        """The model's optional view of the horizon (models/protocol.py): steps or time, the further along."""
         done = [step / self.plan.max_steps] if self.plan.max_steps else []
         done += [elapsed_ms / self.plan.max_wallclock_ms] if self.plan.max_wallclock_ms else []
         set_progress(self.model, min(max(done, default=0.0), 1.0))

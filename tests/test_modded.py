@@ -571,7 +571,8 @@ def test_cfg_job_shows_the_records_resolved_settings(tmp_path):
     assert proc.returncode == 0, proc.stderr
     cfg = yaml.safe_load(proc.stdout)
     assert cfg["model"]["_target_"] == "speedrun.models.ModdedGPT"
-    assert {k: cfg["model"][k] for k in ("vocab_size", "num_layers", "model_dim", "num_heads", "skip_attention_layers")} == {
+    model_keys = ("vocab_size", "num_layers", "model_dim", "num_heads", "skip_attention_layers")
+    assert {k: cfg["model"][k] for k in model_keys} == {
         "vocab_size": 50257, "num_layers": 12, "model_dim": 768, "num_heads": 6, "skip_attention_layers": [7],
     }  # fmt: skip
     assert (
@@ -579,7 +580,8 @@ def test_cfg_job_shows_the_records_resolved_settings(tmp_path):
     )
     assert cfg["schedule"]["warmdown_fraction"] == 0.4 and cfg["schedule"]["final_lr_frac"] == 0.1
     assert cfg["data"]["seq_len"] == 65536 and cfg["data"]["val_tokens"] == 10485760
-    assert {k: cfg["trainer"][k] for k in ("train_batch_tokens", "max_steps", "max_wallclock_seconds", "val_every")} == {
+    trainer_keys = ("train_batch_tokens", "max_steps", "max_wallclock_seconds", "val_every")
+    assert {k: cfg["trainer"][k] for k in trainer_keys} == {
         "train_batch_tokens": 524288, "max_steps": 1393, "max_wallclock_seconds": 0.0, "val_every": 125,
     }  # fmt: skip
 
@@ -638,8 +640,8 @@ def test_the_trainer_tells_the_model_its_progress_before_each_step_and_evaluatio
            "trainer.train_batch_tokens=512", "trainer.val_batch_tokens=1024", "trainer.max_steps=4",
            "trainer.val_every=2", "trainer.max_wallclock_seconds=0", "trainer.export=false", "logger=none",
            f"hydra.run.dir={tmp_path / 'run'}"]  # fmt: skip
-    proc = subprocess.run(cmd, cwd=REPO, env=cli_env(PYTHONPATH=str(tmp_path)), capture_output=True, text=True,
-                          timeout=120)  # fmt: skip
+    env = cli_env(PYTHONPATH=str(tmp_path))
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     told = [float(line) for line in log_path.read_text().split()]
     # eval@0, step 0, step 1, eval@2, step 2, step 3, the final eval: steps done / max_steps.

@@ -141,7 +141,7 @@ class ModdedMuonAdamConfig:
 
 @dataclass
 class WallclockWarmdownConfig:
-    """The reference's schedule: full LR, then a linear decay to final_lr_frac (0) over the last `warmdown_iters`."""
+    """The reference's schedule: full LR, then linear to final_lr_frac (0) over the last `warmdown_iters`."""
 
     _target_: str = "speedrun.schedules.WallclockWarmdown"
     _partial_: bool = True

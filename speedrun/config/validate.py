@@ -105,8 +105,8 @@ def validate_config(cfg: DictConfig, world_size: int = 1) -> None:
     if "window_block_size" in model:  # block-wise sliding windows (model=modded)
         _require(
             model.window_block_size > 0 and data.seq_len % model.window_block_size == 0,
-            f"data.seq_len={data.seq_len} is not a whole number of model.window_block_size={model.window_block_size} "
-            "token blocks; make seq_len a multiple of it",
+            f"data.seq_len={data.seq_len} is not a whole number of "
+            f"model.window_block_size={model.window_block_size} token blocks; make seq_len a multiple of it",
         )
     split_batch(trainer.train_batch_tokens, trainer.micro_batch_tokens, world_size, data.seq_len)
     _require(

@@ -88,12 +88,15 @@ def flex_block_mask(docs: Tensor, window_blocks: Tensor, block_size: int) -> Blo
 @functools.cache
 def compiled_flex_attention() -> Callable[..., Tensor]:
     """FlexAttention through torch.compile, built once: uncompiled, it materialises the full score
-    matrix (what the block mask exists to avoid), so CUDA always takes the compiled kernel."""
+    matrix (what the block mask exists to avoid)."""
     return torch.compile(flex_attention, dynamic=False)
 
 
 def windowed_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | BlockMask, scale: float) -> Tensor:
     """Attention of (batch, heads, T, head_dim) tensors under a mask from one of the builders above."""
     if isinstance(mask, BlockMask):
-        return compiled_flex_attention()(q, k, v, block_mask=mask, scale=scale)
+        # Inside a compiled model, torch.compile turns flex_attention into its fused kernel itself (as in
+        # the record); an eager model calls the separately compiled one.
+        flex = flex_attention if torch.compiler.is_compiling() else compiled_flex_attention()
+        return flex(q, k, v, block_mask=mask, scale=scale)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)

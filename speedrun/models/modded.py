@@ -107,7 +107,8 @@ class CausalSelfAttention(nn.Module):
         self.c_proj.weight.detach().zero_()
 
     def project(self, x: Tensor, value_embed: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
-        """q, k, v of shape (batch, T, heads, head_dim), before norms and RoPE; v holds the value-embedding mix."""
+        """q, k, v of shape (batch, T, heads, head_dim), before norms and RoPE; v already mixes in the
+        value embedding."""
         batch, seq_len, _ = x.shape
         qkv = F.linear(x, self.qkv_w.flatten(end_dim=1).type_as(x))
         q, k, v = qkv.view(batch, seq_len, 3 * self.num_heads, -1).chunk(3, dim=-2)
@@ -207,11 +208,12 @@ class ModdedGPT(nn.Module):
         self.register_buffer("window_blocks", torch.tensor(1, dtype=torch.int32), persistent=False)
         self._window_blocks_set = 1
 
-    # ------------------------------------------------------------------ the protocol (speedrun/models/protocol.py)
+    # ------------------------------------------------------------------ protocol (models/protocol.py)
 
     def set_progress(self, fraction: float) -> None:
-        """Warm the windows up with training: ceil(max_window_tokens x fraction / block) blocks, at least 1
-        (the record's next_multiple_of_n(1728 * step / steps, n=128): 128 tokens at the start, 1,792 at the end)."""
+        """Warm the windows up with training: ceil(max_window_tokens x fraction / block) blocks, at least
+        1 (the record's next_multiple_of_n(1728 * step / steps, n=128): 128 tokens at the start, 1,792
+        at the end)."""
         blocks = max(1, math.ceil(self.max_window_tokens * fraction / self.window_block_size))
         if blocks != self._window_blocks_set:
             self.window_blocks.fill_(blocks)
@@ -297,7 +299,7 @@ class ModdedGPT(nn.Module):
             raw = fp8_linear(x, self.lm_head.weight)
         else:
             raw = self.lm_head(x)
-        # 2c sigmoid(z / (c / 2)) = c tanh(z / c) + c: the record's shifted soft cap (c = 15: 30 sigmoid(z / 7.5)).
+        # 2c sigmoid(z / (c/2)) = c tanh(z / c) + c: the record's shifted soft cap (30 sigmoid(z / 7.5)).
         return 2 * self.logit_softcap * torch.sigmoid(raw.float() / (self.logit_softcap / 2))
 
     def forward(self, input_ids: Tensor, target_ids: Tensor) -> Tensor:
@@ -318,8 +320,8 @@ def value_embed_plan(num_layers: int, count: int, layers: Sequence[int] | None) 
     if layers is None:
         if 2 * count > num_layers:
             raise ValueError(
-                f"model.num_value_embeds={count} needs {2 * count} layers (the first {count} and the last {count}) "
-                f"but model.num_layers={num_layers}; lower it or list them in model.value_embed_layers"
+                f"model.num_value_embeds={count} needs {2 * count} layers (the first {count} and the last "
+                f"{count}) but model.num_layers={num_layers}; lower it or list them in model.value_embed_layers"
             )
         plan = [i if i < count else None for i in range(num_layers)]
         for j in range(count):
@@ -357,14 +359,15 @@ def attention_skip_plan(
     outside = sorted(i for i in skipped if not 0 <= i < num_layers)
     if outside:
         raise ValueError(
-            f"model.skip_attention_layers={list(skip_layers)} names layers {outside}, but model.num_layers={num_layers} "
-            f"has layers 0..{num_layers - 1}; pick layers in range, or [] to keep attention everywhere"
+            f"model.skip_attention_layers={list(skip_layers)} names layers {outside}, but "
+            f"model.num_layers={num_layers} has layers 0..{num_layers - 1}; pick layers in range, or [] to "
+            "keep attention everywhere"
         )
     with_values = sorted(i for i in skipped if value_embed_of_layer[i] is not None)
     if with_values:
         raise ValueError(
-            f"model.skip_attention_layers={list(skip_layers)} drops the attention of layers {with_values}, which "
-            "add a value embedding; skip other layers or change model.value_embed_layers / num_value_embeds"
+            f"model.skip_attention_layers={list(skip_layers)} drops the attention of layers {with_values}, "
+            "which add a value embedding; skip other layers or change model.value_embed_layers / num_value_embeds"
         )
     return skipped
 
@@ -379,8 +382,8 @@ def _check_sizes(
         )
     if model_dim % num_heads or (model_dim // num_heads) % 4:
         raise ValueError(
-            f"model.model_dim={model_dim} / model.num_heads={num_heads} must be a whole head size divisible by 4 "
-            f"(half-truncated RoPE rotates a quarter of the frequencies); e.g. model_dim={4 * num_heads * 16}"
+            f"model.model_dim={model_dim} / model.num_heads={num_heads} must be a whole head size divisible "
+            f"by 4 (half-truncated RoPE rotates a quarter of the frequencies); e.g. model_dim={4 * num_heads * 16}"
         )
     if not -1 <= bos_id < vocab_size:
         raise ValueError(

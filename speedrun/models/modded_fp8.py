@@ -70,7 +70,8 @@ def _compiled_backward():
         # _scaled_mm wants its first operand row-major and its second column-major.
         grad_x = torch._scaled_mm(
             grad_f8, w_f8.t().contiguous().t(), out_dtype=torch.bfloat16,
-            scale_a=_scale(grad, 1 / GRAD_SCALE), scale_b=_scale(grad, 1 / WEIGHT_SCALE), use_fast_accum=False,
+            scale_a=_scale(grad, 1 / GRAD_SCALE), scale_b=_scale(grad, 1 / WEIGHT_SCALE),
+            use_fast_accum=False,
         )  # fmt: skip
         # The weight gradient in fp32, computed transposed: faster for a wide head (the record's finding).
         grad_w = torch._scaled_mm(
