@@ -31,7 +31,7 @@ from speedrun.distributed import DistContext
 from speedrun.eval import evaluate
 from speedrun.export import code_bytes, load_artifact, save_artifact
 from speedrun.flops import mfu
-from speedrun.models.protocol import parameter_counts, scalar_parameter_names
+from speedrun.models.protocol import parameter_counts, scalar_parameter_names, set_progress
 from speedrun.signals import StopRequest
 
 log = logging.getLogger("speedrun")
@@ -156,9 +156,16 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = group["initial_lr"] * scale
 
+    def _tell_progress(self, step: int, elapsed_ms: float) -> None:
+        """The model's optional view of the horizon (models/protocol.py): steps or time, the further along."""
+        done = [step / self.plan.max_steps] if self.plan.max_steps else []
+        done += [elapsed_ms / self.plan.max_wallclock_ms] if self.plan.max_wallclock_ms else []
+        set_progress(self.model, min(max(done, default=0.0), 1.0))
+
     def _train_step(self, train_model: nn.Module, loader, step: int, elapsed_ms: float) -> torch.Tensor:
         """One optimizer step over the whole global batch; returns the mean loss (on device)."""
         self._set_learning_rates(step, elapsed_ms)
+        self._tell_progress(step, elapsed_ms)
         accum = self.plan.grad_accum_steps
         train_loss = torch.zeros((), device=self.device)
         for micro_step in range(accum):
@@ -189,6 +196,7 @@ class Trainer:
         loader.load_state_dict(initial_loader)
 
     def _evaluate(self, eval_model: nn.Module, val_tokens, luts) -> tuple[float, float | None]:
+        self._tell_progress(self.step, self.clock.elapsed_ms())
         per_rank_batch = self.settings.val_batch_tokens // (self.ctx.world_size * self.plan.grad_accum_steps)
         per_rank_batch = max(per_rank_batch // self.plan.seq_len, 1) * self.plan.seq_len
         return evaluate(

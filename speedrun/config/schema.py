@@ -79,6 +79,37 @@ class NanochatModelConfig:
     attention: str = "auto"  # auto (flex when compiled on CUDA, masked SDPA elsewhere) | sdpa | flex
 
 
+@dataclass
+class ModdedGPTConfig:
+    """modded-nanogpt's record-#20 model (speedrun/models/modded.py); the defaults are the record's."""
+
+    _target_: str = "speedrun.models.ModdedGPT"
+    vocab_size: int = 50257
+    num_layers: int = 12
+    model_dim: int = 768
+    num_heads: int = 6
+    mlp_mult: int = 4
+    # The head's rows are the vocabulary rounded up to this multiple (50,257 -> 50,304).
+    vocab_pad_multiple: int = 128
+    # Value embeddings: the first n and the last n layers use embeddings 0..n-1 ("012 ... 012"), or
+    # value_embed_layers lists one embedding index (-1: none) per layer.
+    num_value_embeds: int = 3
+    value_embed_layers: list[int] | None = None
+    # Long (L) or short (S) window per layer of the first half, tiled and mirrored onto the second half.
+    window_pattern: str = "LSSSLS"
+    skip_attention_layers: list[int] = field(default_factory=lambda: [7])
+    # The window is counted in blocks of this many tokens; the long one grows with training progress
+    # to ceil(max_window_tokens / window_block_size) blocks, the short one is half of it (at least 1).
+    window_block_size: int = 128
+    max_window_tokens: int = 1728
+    attn_scale: float = 0.12
+    logit_softcap: float = 15.0
+    # Documents start at this token (GPT-2's <|endoftext|>); attention never crosses one. -1: no documents.
+    bos_id: int = 50256
+    # FP8 head matmul in bf16 training on GPUs with FP8 tensor cores (compute capability >= 8.9).
+    fp8_head: bool = True
+
+
 # --------------------------------------------------------------------------- optimizer
 # Optimizers are partials: the trainer completes them with the model's parameter groups
 # (speedrun.models.protocol.parameter_groups).
@@ -157,18 +188,41 @@ class NanochatOptimizerConfig:
     ns_steps: int = 5  # Polar Express iterations (1-5)
 
 
+@dataclass
+class ModdedMuonAdamConfig:
+    """modded-nanogpt record #20's optimizers: batched Muon on matrices, one Adam (eps 1e-10) for the rest."""
+
+    _target_: str = "speedrun.optim.ModdedMuonAdam"
+    _partial_: bool = True
+    matrix_lr: float = 0.05
+    scalar_lr: float = 0.04
+    embed_lr: float = 0.6
+    head_lr: float = 0.008
+    momentum: float = 0.95
+    momentum_warmup_start: float = 0.85
+    momentum_warmup_steps: int = 300
+    backend_steps: int = 5
+    beta1: float = 0.8
+    beta2: float = 0.95
+    eps: float = 1e-10
+    # "auto" = run Newton-Schulz through torch.compile when the parameters are on CUDA.
+    compile_newtonschulz: Any = "auto"
+
+
 # --------------------------------------------------------------------------- schedule
 # Schedules are partials: the trainer completes them with the horizon (max_steps, max_wallclock_ms).
 
 
 @dataclass
 class WallclockWarmdownConfig:
-    """The reference's schedule: full LR, then a linear decay to 0 over the last `warmdown_iters`."""
+    """The reference's schedule: full LR, then linear to final_lr_frac (0) over the last `warmdown_iters`."""
 
     _target_: str = "speedrun.schedules.WallclockWarmdown"
     _partial_: bool = True
     warmdown_iters: int = 1200
     warmdown_fraction: float = 0.0
+    # The decay ends at this fraction of the peak LR (0: parameter-golf's decay to zero).
+    final_lr_frac: float = 0.0
 
 
 @dataclass
@@ -323,8 +377,13 @@ class Config:
 SCHEMA_GROUP = "speedrun_schema"
 
 SCHEMAS: dict[str, dict[str, type]] = {
-    "model": {"gpt": GPTConfig, "nanochat": NanochatModelConfig},
-    "optimizer": {"muon_adam": MuonAdamConfig, "adamw": AdamWConfig, "nanochat": NanochatOptimizerConfig},
+    "model": {"gpt": GPTConfig, "nanochat": NanochatModelConfig, "modded": ModdedGPTConfig},
+    "optimizer": {
+        "muon_adam": MuonAdamConfig,
+        "adamw": AdamWConfig,
+        "nanochat": NanochatOptimizerConfig,
+        "modded": ModdedMuonAdamConfig,
+    },
     "schedule": {"wallclock_warmdown": WallclockWarmdownConfig, "wsd": WSDConfig},
     "data": {
         "stdlib": StdlibDataConfig,

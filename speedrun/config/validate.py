@@ -233,6 +233,12 @@ def _check_shapes(cfg: DictConfig, world_size: int) -> None:
             f"model.num_heads={model.num_heads} is not divisible by model.num_kv_heads={model.num_kv_heads}; "
             "grouped-query attention needs num_kv_heads to divide num_heads",
         )
+    if "window_block_size" in model:  # block-wise sliding windows (model=modded)
+        _require(
+            cfg.data.seq_len % model.window_block_size == 0,
+            f"data.seq_len={cfg.data.seq_len} is not a whole number of model.window_block_size="
+            f"{model.window_block_size} token blocks; make seq_len a multiple of it",
+        )
     split_batch(cfg.trainer.train_batch_tokens, cfg.trainer.micro_batch_tokens, world_size, cfg.data.seq_len)
 
 

@@ -16,6 +16,10 @@ cross-entropy (a scalar). A model may also define, and speedrun then uses:
   when a job trains in bf16 (`trainer.precision`), after the model is on its device and before the
   optimizer is built (parameter-golf's keeps its embedding in bf16 and the rest in fp32).
   Without it: every parameter stays fp32 and autocast alone casts.
+- `set_progress(fraction) -> None`: how far training is through its horizon, in [0, 1] (steps done /
+  max_steps, or training time / the wallclock cap, whichever is further along), told before every
+  training step and every evaluation; for models that change with training (modded-nanogpt's
+  attention windows grow). Without it: nothing is told.
 
 No other module names a model's attributes: optimizers, export and the trainer go through the
 functions below.
@@ -108,3 +112,10 @@ def cast_for_mixed_precision(model: nn.Module) -> None:
     declared = getattr(model, "cast_for_mixed_precision", None)
     if callable(declared):
         declared()
+
+
+def set_progress(model: nn.Module, fraction: float) -> None:
+    """Tell the model how far through its horizon training is, if it wants to know."""
+    declared = getattr(model, "set_progress", None)
+    if callable(declared):
+        declared(fraction)
