@@ -76,7 +76,8 @@ def _run_info(cfg: DictConfig) -> dict:
 
 def run_job(cfg: DictConfig) -> float:
     """Run one job (one run folder); return the final val_bpb for sweepers (+inf if it failed)."""
-    from speedrun.launch import RankFailure, adopt_submitit_task, external_rank, launch, local_world_size
+    from speedrun.launch import RankFailure, external_rank, launch, local_world_size
+    from speedrun.slurm import adopt_submitit_task
 
     adopt_submitit_task()
     info = _run_info(cfg)
