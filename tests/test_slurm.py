@@ -11,6 +11,7 @@ small clusters, so the launcher must follow its jobs with squeue alone.
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -106,7 +107,8 @@ def wait_for_training(sweep: Path, min_step: int, timeout: float = 60) -> tuple[
     while time.monotonic() < deadline:
         metrics = [*sweep.glob("0_*/metrics.jsonl")]
         if metrics and (sweep / ".submitit").is_dir():
-            steps = [r["step"] for r in read_metrics(metrics[0].parent) if "train/loss" in r]
+            lines = metrics[0].read_text().split("\n")[:-1]  # the last line may be half-written
+            steps = [row["step"] for row in map(json.loads, lines) if "train/loss" in row]
             if steps and steps[-1] >= min_step:
                 (job_id,) = slurm_job_ids(sweep)
                 return job_id, metrics[0].parent
@@ -229,7 +231,9 @@ def test_a_time_limit_stops_cleanly_and_the_same_command_resumes(
     in, the test holds it (scontrol suspend) as soon as it trains, gives it a 1-minute limit (so the
     120-s warning is due), and lets it go on just before the next check."""
     sweep = tmp_path / "sweep"
-    command = sweep_command(sweep, f"trainer.max_steps={STEPS}", "hydra.launcher.signal_delay_s=120")
+    command = sweep_command(
+        sweep, f"trainer.max_steps={STEPS}", "hydra.launcher.signal_delay_s=120", "logger=wandb"
+    )
     launcher = submit(cluster, command, tmp_path)
     job_id, run_dir = wait_for_training(sweep, min_step=3)
     scontrol(cluster, "suspend", job_id)
@@ -242,6 +246,7 @@ def test_a_time_limit_stops_cleanly_and_the_same_command_resumes(
     returncode, output = finished(launcher, 60)
     assert returncode == 1, output[-3000:]
     assert_interrupted_with_checkpoint(run_dir, "SIGUSR2")
+    assert_wandb_complete(run_dir)
 
     run_sweep(cluster, command, tmp_path)
     assert read_summary(run_dir)["status"] == "completed"

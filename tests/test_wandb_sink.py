@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -12,6 +15,7 @@ import pytest
 
 from speedrun.sinks import WandbSink, build_sinks
 from speedrun.sinks.wandb_reader import find_offline_runs, read_offline_run
+from tests.conftest import REPO, TINY, cli_env, read_summary
 
 CONFIG = {"optimizer": {"matrix_lr": 0.02}, "data": {"seq_len": 1024}, "seed": 1337}
 
@@ -221,3 +225,31 @@ def test_an_offline_run_survives_its_service_stopped_by_a_signal(tmp_path):
     after.log(train_record(1))
     after.finish({"status": "completed"})
     assert read_offline_run(tmp_path / "next")["exit_code"] == 0
+
+
+@pytest.mark.timeout(120)
+def test_a_run_stopped_by_a_local_sigterm_leaves_a_complete_offline_run(corpus, tmp_path):
+    """SIGTERM to the training command's process group (as a scheduler stops a job): the run stops at
+    a step boundary and its offline wandb run holds every row of metrics.jsonl and an exit record."""
+    run_dir = tmp_path / "run"
+    command = [sys.executable, "-m", "speedrun.train", *TINY, "logger=wandb", "optimizer=adamw",
+               "trainer.max_steps=100000", "trainer.log_every=1", "trainer.val_every=0", "trainer.export=false",
+               f"hydra.run.dir={run_dir}"]  # fmt: skip
+    proc = subprocess.Popen(command, cwd=REPO, env=cli_env(), start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    deadline = time.monotonic() + 60
+    while sum("train/loss" in row for row in metrics_rows(run_dir)) < 3 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGTERM)
+    assert proc.wait(timeout=60) != 0
+    assert read_summary(run_dir)["status"] == "interrupted"
+    assert len(find_offline_runs(run_dir)) == 1
+    run = read_offline_run(run_dir)
+    assert [row["step"] for row in run["history"]] == [row["step"] for row in metrics_rows(run_dir)]
+    assert run["exit_code"] == 1
+
+
+def metrics_rows(run_dir) -> list[dict]:
+    """The complete lines of metrics.jsonl so far (the last one may be half-written)."""
+    path = run_dir / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().split("\n")[:-1]] if path.exists() else []
