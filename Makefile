@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install train test lint bench bench-data clean
+.PHONY: install train test lint bench bench-data gpu-check clean
 
 install: $(STAMP)
 
@@ -25,14 +25,18 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q $(ARGS)
 
 lint: $(STAMP)
-	$(BIN)/ruff check speedrun tests
-	$(BIN)/ruff format --check speedrun tests
+	$(BIN)/ruff check speedrun tests hydra_plugins benchmarks
+	$(BIN)/ruff format --check speedrun tests hydra_plugins benchmarks
 
 bench: $(STAMP)
 	$(BIN)/python -m speedrun.bench $(ARGS)
 
 bench-data: $(STAMP)
 	$(BIN)/python -m speedrun.bench --only data $(ARGS)
+
+# The acceptance run for a CUDA machine (a few minutes); one line and exit 0 without CUDA.
+gpu-check: $(STAMP)
+	$(BIN)/python benchmarks/gpu_check.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) outputs .cache build *.egg-info
