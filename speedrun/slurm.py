@@ -104,7 +104,8 @@ def squeue(user: str) -> dict[str, tuple[str, int, str]] | None:
 
 
 def wait_for_jobs(job_ids: list[str], poll_s: float = 1.0, max_poll_s: float = 30.0) -> dict[str, str | None]:
-    """Wait until SLURM says each job is over; return each job's final state (None: no longer listed).
+    """Wait until SLURM says each job is over; return each job's final state (None: no longer listed;
+    UNKNOWN: squeue kept failing).
 
     Polls squeue, at first every `poll_s` and then less often (up to `max_poll_s`), so that long jobs
     do not load the controller. A job is over when its state is final, or when squeue has stopped
@@ -125,7 +126,7 @@ def wait_for_jobs(job_ids: list[str], poll_s: float = 1.0, max_poll_s: float = 3
             if time.monotonic() - outage_since > SQUEUE_OUTAGE_LIMIT_S:
                 log.error("error: squeue has failed for %.0f s; giving up on SLURM jobs %s",
                           SQUEUE_OUTAGE_LIMIT_S, " ".join(sorted(waiting)))  # fmt: skip
-                ends.update(dict.fromkeys(waiting))
+                ends.update(dict.fromkeys(waiting, "UNKNOWN"))
                 break
         else:
             outage_since = None

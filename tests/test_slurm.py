@@ -142,7 +142,7 @@ def assert_interrupted_with_checkpoint(run_dir: Path, signal_name: str) -> int:
     summary = read_summary(run_dir)
     assert summary["status"] == "interrupted", summary
     step = summary["steps"]
-    assert 0 < step < STEPS and summary["error"] == f"interrupted by {signal_name} at step {step}"
+    assert step > 0 and summary["error"] == f"interrupted by {signal_name} at step {step}"
     assert (run_dir / "checkpoints" / f"step_{step:09d}.pt").is_file()
     assert [r["step"] for r in read_metrics(run_dir) if "train/loss" in r] == list(range(1, step + 1))
     return step
@@ -221,20 +221,24 @@ def next_time_limit_check(cluster: SlurmCluster) -> float:
 
 
 @pytest.mark.timeout(180)
-def test_a_time_limit_stops_cleanly_and_the_same_command_resumes(
-    cluster: SlurmCluster, reference: Path, tmp_path: Path
-) -> None:
+def test_a_time_limit_stops_cleanly_and_the_run_resumes(cluster: SlurmCluster, tmp_path: Path) -> None:
     """The preset's time-limit warning (USR2, `signal_delay_s` before the limit) stops the run like
     SIGTERM does, instead of submitit failing it mid-step.
 
-    SLURM sends the warning at one of its time-limit checks, every 30 s. To stop the job a few steps
-    in, the test holds it (scontrol suspend) as soon as it trains, gives it a 1-minute limit (so the
-    120-s warning is due), and lets it go on just before the next check."""
+    SLURM sends the warning at one of its time-limit checks, every 30 s. So that the job is a few
+    steps in when it comes, the test holds the job (scontrol suspend) as soon as it trains, gives it a
+    1-minute limit (the 120-s warning is then due) and lets it go on just before the next check. The
+    step it stops at depends on this machine's speed: the run has no step limit and a constant
+    learning rate, and is resumed to a horizon just past that step (in the same folder), which an
+    uninterrupted run to the same horizon must equal."""
     sweep = tmp_path / "sweep"
-    command = sweep_command(
-        sweep, f"trainer.max_steps={STEPS}", "hydra.launcher.signal_delay_s=120", "logger=wandb"
-    )
-    launcher = submit(cluster, command, tmp_path)
+    job = [
+        "schedule.warmdown_ratio=0",
+        "hydra.launcher.signal_delay_s=120",
+        "logger=wandb",
+        "hydra.sweep.subdir=0_job",
+    ]
+    launcher = submit(cluster, sweep_command(sweep, "trainer.max_steps=1000000", *job), tmp_path)
     job_id, run_dir = wait_for_training(sweep, min_step=3)
     scontrol(cluster, "suspend", job_id)
     scontrol(cluster, "update", f"JobId={job_id}", "TimeLimit=1")
@@ -245,10 +249,15 @@ def test_a_time_limit_stops_cleanly_and_the_same_command_resumes(
     scontrol(cluster, "resume", job_id)
     returncode, output = finished(launcher, 60)
     assert returncode == 1, output[-3000:]
-    assert_interrupted_with_checkpoint(run_dir, "SIGUSR2")
+    stopped = assert_interrupted_with_checkpoint(run_dir, "SIGUSR2")
     assert_wandb_complete(run_dir)
 
-    run_sweep(cluster, command, tmp_path)
+    horizon = [f"trainer.max_steps={stopped + 5}", "schedule.warmdown_ratio=0"]
+    reference = tmp_path / "reference"
+    uninterrupted = subprocess.Popen([*TRAIN, *JOB, *horizon, f"hydra.run.dir={reference}"], cwd=REPO,
+                                     env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    run_sweep(cluster, sweep_command(sweep, *horizon, *job), tmp_path)
+    assert finished(uninterrupted, 120)[0] == 0
     assert read_summary(run_dir)["status"] == "completed"
     assert_same_run(run_dir, reference)
 
