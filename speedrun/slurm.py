@@ -150,5 +150,5 @@ def wait_for_jobs(job_ids: list[str], poll_s: float = 1.0, max_poll_s: float = 3
                     ends[job_id] = state
             waiting -= ends.keys()
         if waiting:
-            time.sleep(min(max_poll_s, poll_s + (time.monotonic() - started) / 20))
+            time.sleep(min(max_poll_s, poll_s + (time.monotonic() - started) / 60))  # +1 s per minute
     return ends
