@@ -70,3 +70,30 @@ def test_two_jobs_at_once_on_their_own_cpus_report_as_the_sequential_sweep(
     assert start0 < end1 and start1 < end0, "the two jobs did not overlap in time"
     devices = [re.search(r"devices: CPUs ([\d,]+)", (job / "train.log").read_text())[1] for job in jobs]
     assert devices[0] != devices[1] and len(set(devices)) == 2, devices
+
+
+def test_each_job_slot_gets_its_own_gpus_and_they_must_fit(monkeypatch) -> None:
+    """The split of the visible GPUs into job slots. There is no GPU here, so the list of visible
+    devices is given (on a GPU machine it comes from CUDA_VISIBLE_DEVICES and torch)."""
+    from hydra_plugins.speedrun_launchers import parallel
+
+    monkeypatch.setattr(parallel, "visible_gpus", lambda: ["0", "1", "2", "3", "4", "5", "6", "7"])
+    assert parallel.split_devices(4, 2) == [
+        {"gpus": "0,1"},
+        {"gpus": "2,3"},
+        {"gpus": "4,5"},
+        {"gpus": "6,7"},
+    ]
+    assert parallel.split_devices(3, 1) == [{"gpus": "0"}, {"gpus": "1"}, {"gpus": "2"}]
+    with pytest.raises(ValueError, match=r"jobs_at_once=5 x gpus_per_job=2 needs 10 GPUs, 8 are visible"):
+        parallel.split_devices(5, 2)
+
+
+def test_a_bad_setting_is_one_error_line(tmp_path: Path) -> None:
+    command = [sys.executable, "-m", "speedrun.train", "-m", "hydra/launcher=parallel", "hydra.launcher.jobs_at_once=0",
+               "seed=1,2", f"hydra.sweep.dir={tmp_path / 'sweep'}"]  # fmt: skip
+    proc = subprocess.run(command, cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1 and "Traceback" not in proc.stdout + proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "error: hydra.launcher.jobs_at_once=0 and hydra.launcher.gpus_per_job=1 must both be at least 1"
+    )

@@ -51,7 +51,10 @@ class ParallelLauncher(Launcher):
         from hydra_plugins.hydra_joblib_launcher.joblib_launcher import JoblibLauncher
 
         assert self.config is not None
-        device_sets = split_devices(self.jobs_at_once, self.gpus_per_job)
+        try:
+            device_sets = split_devices(self.jobs_at_once, self.gpus_per_job)
+        except ValueError as error:
+            raise SystemExit(f"error: {error}") from None
         lock_dir = Path(str(self.config.hydra.sweep.dir)) / ".devices"
         lock_dir.mkdir(parents=True, exist_ok=True)
         pool = JoblibLauncher(n_jobs=self.jobs_at_once)

@@ -66,7 +66,13 @@ class SlurmLauncher(Launcher):
             arguments.append(
                 (list(overrides), "hydra.sweep.dir", number, f"job_id_for_{number}", Singleton.get_state())
             )
-        jobs = executor.map_array(task, *zip(*arguments, strict=True))
+        try:
+            jobs = executor.map_array(task, *zip(*arguments, strict=True))
+        except submitit.core.utils.FailedJobError as error:  # sbatch refused them (its message is above)
+            lines = str(error).strip().splitlines() or ["no message"]
+            raise SystemExit(
+                f"error: sbatch refused the sweep: {lines[-1]}; check hydra.launcher.*"
+            ) from None
         log.info("SLURM jobs: %s", " ".join(job.job_id for job in jobs))
         final_states = wait_for_jobs([job.job_id for job in jobs])
         return [
