@@ -184,13 +184,6 @@ PartitionName=debug Nodes={self.hostname} Default=YES MaxTime=INFINITE State=UP
             while time.monotonic() < deadline and _alive(pid):
                 time.sleep(0.05)
 
-    def seconds_to_next_time_limit_check(self) -> float:
-        """Seconds from now until the controller next checks time limits (a multiple of 30 s since it
-        started, give or take a second of drift per check)."""
-        assert self.started_at is not None
-        elapsed = time.time() - self.started_at
-        return TIME_LIMIT_CHECK_S - elapsed % TIME_LIMIT_CHECK_S
-
 
 def _alive(pid: int) -> bool:
     try:

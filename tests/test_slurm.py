@@ -309,3 +309,15 @@ def test_a_job_cancelled_while_pending_fails_the_sweep_instead_of_hanging(
         and f"SLURM job {pending} left the queue (cancelled before it started" in summary["error"]
     )
     assert f"{second.name}: failed SLURM job {pending} left the queue" in output
+
+
+@pytest.mark.timeout(60)
+def test_a_sweep_sbatch_refuses_is_one_error_line(cluster: SlurmCluster, tmp_path: Path) -> None:
+    returncode, output = finished(
+        submit(cluster, sweep_command(tmp_path / "sweep", "hydra.launcher.partition=nowhere"), tmp_path), 60
+    )
+    assert returncode == 1 and "Traceback" not in output, output[-3000:]
+    last = output.strip().splitlines()[-1]
+    assert last.startswith("error: sbatch refused the sweep: ") and "invalid partition" in last.lower(), (
+        output
+    )
