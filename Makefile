@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 # rewrites it from the current .venv after a dependency change.
 LOCK := requirements.lock
 
-.PHONY: install train test lint bench bench-data lock clean
+.PHONY: install train test lint bench bench-data gpu-check lock clean
 
 install: $(STAMP)
 
@@ -39,6 +39,10 @@ bench-data: $(STAMP)
 
 lock: $(STAMP)
 	$(BIN)/python -m pip freeze --exclude-editable --all | grep -v -E '^(torch|pip|setuptools|wheel)==' > $(LOCK)
+
+# The acceptance run for a CUDA machine (a few minutes); one line and exit 0 without CUDA.
+gpu-check: $(STAMP)
+	$(BIN)/python benchmarks/gpu_check.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) outputs .cache build *.egg-info

@@ -30,24 +30,6 @@ def launched_internally() -> bool:
     return bool(os.environ.get(INTERNAL_LAUNCH_ENV))
 
 
-def adopt_submitit_task() -> None:
-    """Make each task of a multi-task submitit job one rank of the job: `hydra/launcher=slurm` on a
-    cluster, or the plugin's `hydra/launcher=submitit_local` on one machine.
-
-    hydra-submitit-launcher runs the whole Hydra job in every task (one per GPU); submitit derives
-    the torch.distributed variables from the executor's (for SLURM: RANK = SLURM_PROCID, master = the
-    first node), after which a task is an external rank exactly like one that torchrun started.
-    Without this, every task would train the whole job on its own, all of them in one run folder.
-    """
-    if os.environ.get("SUBMITIT_EXECUTOR") not in ("slurm", "local") or "RANK" in os.environ:
-        return
-    from submitit import JobEnvironment
-    from submitit.helpers import TorchDistributedEnvironment
-
-    if JobEnvironment().num_tasks > 1:
-        TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
-
-
 def local_world_size(nproc_per_node: object) -> int:
     """Ranks this job runs on: the external torchrun's world, or trainer.nproc_per_node."""
     from speedrun.config.validate import parse_nproc

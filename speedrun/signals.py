@@ -67,6 +67,23 @@ def signals_held():
         signal.raise_signal(signal.Signals[held.signal_name])
 
 
+def stop_also_on(warning: signal.Signals) -> None:
+    """`warning` (a scheduler's early warning, e.g. SLURM's USR2 before a time limit) means what SIGTERM
+    means at that moment: an interrupt outside the training loop, finish-the-step-and-checkpoint inside.
+    SIGCONT (SLURM sends it before SIGTERM, to wake a suspended job) keeps its default."""
+    stop_as_interrupt()
+    signal.signal(warning, _as_sigterm)
+    signal.signal(signal.SIGCONT, signal.SIG_DFL)
+
+
+def _as_sigterm(signum, frame) -> None:
+    handler = signal.getsignal(signal.SIGTERM)
+    if callable(handler):
+        handler(signum, frame)
+    elif handler == signal.SIG_DFL:
+        signal.raise_signal(signal.SIGTERM)
+
+
 def ignore_interrupts() -> None:
     """In a worker process: Ctrl-C reaches the whole process group, and it is the parent's to handle
     (it stops its workers itself)."""

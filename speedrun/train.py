@@ -150,7 +150,8 @@ def run_info(cfg: DictConfig) -> dict:
 def run_job(cfg: DictConfig) -> float | None:
     """Run one job (one run folder); return the final val_bpb for sweepers (+inf if it did not complete)."""
     from speedrun.callbacks import SWEEP
-    from speedrun.launch import adopt_submitit_task, external_rank
+    from speedrun.launch import external_rank
+    from speedrun.slurm import adopt_submitit_task
 
     adopt_submitit_task()
     info = run_info(cfg)

@@ -3,12 +3,20 @@
 from __future__ import annotations
 
 import functools
+import json
 import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 
 from speedrun.sinks import WandbSink, build_sinks
 from speedrun.sinks.wandb_reader import find_offline_runs, read_offline_run
+from tests.conftest import REPO, TINY, cli_env, read_summary
 
 CONFIG = {"optimizer": {"matrix_lr": 0.02}, "data": {"seq_len": 1024}, "seed": 1337}
 
@@ -162,3 +170,73 @@ def test_reader_rejects_a_corrupt_file(tmp_path):
         read_offline_run(tmp_path)
     with pytest.raises(FileNotFoundError, match="no offline wandb run"):
         read_offline_run(tmp_path / "elsewhere")
+
+
+def wandb_services() -> list[int]:
+    """The pids of wandb's service processes (wandb-core) that this process started."""
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            name = stat.read_text().split("(", 1)[1].rsplit(")", 1)[0]
+        except OSError:
+            continue
+        if int(fields[1]) == os.getpid() and name == "wandb-core":
+            pids.append(int(stat.parent.name))
+    return pids
+
+
+def test_an_offline_run_survives_its_service_stopped_by_a_signal(tmp_path):
+    """SLURM signals every process of a job (scancel, pre-emption, requeue), and wandb's service exits
+    on SIGTERM (wandb/wandb#9963): the run is written again from the rows logged, complete."""
+    sink = make_sink(tmp_path, "signalled")
+    for step in range(1, 6):
+        sink.log(train_record(step))
+    (service,) = wandb_services()
+    os.kill(service, signal.SIGTERM)
+    deadline = time.monotonic() + 10
+    while service in wandb_services() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    for step in range(6, 11):
+        sink.log(train_record(step))
+    sink.log(val_record(10, 1.5))
+    sink.finish({"status": "interrupted", "steps": 10})
+
+    assert len(find_offline_runs(tmp_path)) == 1, "the broken run is replaced, not kept beside the new one"
+    run = read_offline_run(tmp_path)
+    assert [row["step"] for row in run["history"]] == [*range(1, 11), 10]
+    assert run["history"][-1]["val/bpb"] == 1.5 and run["name"] == "signalled" and run["config"] == CONFIG
+    assert run["exit_code"] == 1 and run["summary"]["status"] == "interrupted"
+    # wandb works on in this process: the next run starts its own service.
+    after = make_sink(tmp_path / "next", "next")
+    after.log(train_record(1))
+    after.finish({"status": "completed"})
+    assert read_offline_run(tmp_path / "next")["exit_code"] == 0
+
+
+@pytest.mark.timeout(120)
+def test_a_run_stopped_by_a_local_sigterm_leaves_a_complete_offline_run(corpus, tmp_path):
+    """SIGTERM to the training command's process group (as a scheduler stops a job): the run stops at
+    a step boundary and its offline wandb run holds every row of metrics.jsonl and an exit record."""
+    run_dir = tmp_path / "run"
+    command = [sys.executable, "-m", "speedrun.train", *TINY, "logger=wandb", "optimizer=adamw",
+               "trainer.max_steps=100000", "trainer.log_every=1", "trainer.val_every=0", "trainer.export=false",
+               f"hydra.run.dir={run_dir}"]  # fmt: skip
+    proc = subprocess.Popen(command, cwd=REPO, env=cli_env(), start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    deadline = time.monotonic() + 60
+    while sum("train/loss" in row for row in metrics_rows(run_dir)) < 3 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGTERM)
+    assert proc.wait(timeout=60) != 0
+    assert read_summary(run_dir)["status"] == "interrupted"
+    assert len(find_offline_runs(run_dir)) == 1
+    run = read_offline_run(run_dir)
+    assert [row["step"] for row in run["history"]] == [row["step"] for row in metrics_rows(run_dir)]
+    assert run["exit_code"] == 1
+
+
+def metrics_rows(run_dir) -> list[dict]:
+    """The complete lines of metrics.jsonl so far (the last one may be half-written)."""
+    path = run_dir / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().split("\n")[:-1]] if path.exists() else []
