@@ -114,9 +114,16 @@ def validate_config(cfg: DictConfig, world_size: int = 1) -> None:
         "warmup_steps",
         "checkpoint_every",
         "keep_checkpoints",
+        "target_val_every",
     ):
         _require(trainer[key] >= 0, f"trainer.{key}={trainer[key]} must be >= 0")
-    for key in ("max_wallclock_seconds", "target_flops", "target_param_data_ratio", "max_loss"):
+    for key in (
+        "max_wallclock_seconds",
+        "target_flops",
+        "target_param_data_ratio",
+        "max_loss",
+        "target_margin",
+    ):
         _require(trainer[key] >= 0, f"trainer.{key}={trainer[key]} must be >= 0 (0 = off)")
     _require(
         any(
@@ -126,6 +133,16 @@ def validate_config(cfg: DictConfig, world_size: int = 1) -> None:
         "no training horizon: set trainer.max_steps, trainer.max_wallclock_seconds, trainer.target_flops "
         "or trainer.target_param_data_ratio",
     )
+    if trainer.stop_at_target:
+        _require(
+            trainer.target_metric in ("val_loss", "val_bpb"),
+            f"trainer.target_metric={trainer.target_metric!r} must be val_loss or val_bpb",
+        )
+        _require(trainer.target_value > 0, "trainer.stop_at_target needs trainer.target_value, e.g. 3.28")
+        _require(
+            trainer.val_every > 0,
+            "trainer.stop_at_target needs validations during training: set trainer.val_every",
+        )
     parse_nproc(trainer.nproc_per_node, cuda_devices=1)
     parse_compile(trainer.compile, on_cuda=False)
     _require(
