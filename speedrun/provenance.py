@@ -91,9 +91,16 @@ def _sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _listed(data, method: str) -> list[Path]:
+    """What a data source's `train_files` / `val_files` lists; nothing for one without them (a data
+    source from outside speedrun need not list files)."""
+    lister = getattr(data, method, None)
+    return [Path(f) for f in lister()] if callable(lister) else []
+
+
 def data_identity(data) -> dict:
     """`data_manifest_sha256`, `data_shards` and `tokenizer_sha256` of a data source (see the table)."""
-    shards = sorted({*data.train_files(), *data.val_files()})
+    shards = sorted({*_listed(data, "train_files"), *_listed(data, "val_files")})
     digest = hashlib.sha256()
     for folder in sorted({shard.parent for shard in shards}):
         manifest = folder / "manifest.json"
@@ -109,7 +116,7 @@ def data_identity(data) -> dict:
 
 
 def _tokenizer_sha256(data) -> str | None:
-    spec = data.tokenizer_path()
+    spec = data.tokenizer_path() if callable(getattr(data, "tokenizer_path", None)) else None
     if spec is not None and Path(spec).is_file():
         return _sha256_file(Path(spec))
     # A tokenizer that is not a file (a built-in such as gpt2): its own fingerprint, where it has one.

@@ -519,9 +519,13 @@ class Trainer:
         synchronize(self.device)
         started = time.perf_counter()
         self.model.load_state_dict(load_artifact(path), strict=True)
-        quant_loss, quant_bpb, _ = self._timed_evaluate(eval_model, val_tokens, luts)
+        quant_loss, quant_bpb = self._evaluate(eval_model, val_tokens, luts)
+        synchronize(self.device)
         eval_ms = 1000.0 * (time.perf_counter() - started)  # reading the artifact back, then evaluating
-        self._record({"quant/val_loss": quant_loss, "quant/val_bpb": quant_bpb})
+        sizes = (
+            {f"export/{k}": payload[k] for k in ("raw_bytes", "compressed_bytes", "ratio")} if payload else {}
+        )
+        self._record({"quant/val_loss": quant_loss, "quant/val_bpb": quant_bpb, **sizes})
         model_bytes = path.stat().st_size
         code = artifact.code_bytes()
         bpb_text = "n/a" if quant_bpb is None else f"{quant_bpb:.8f}"

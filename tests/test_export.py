@@ -287,6 +287,8 @@ def test_a_run_exports_the_chosen_variant_and_reports_its_round_trip(tmp_path):
     assert not (run_dir / "final_model.int8.ptz").exists()
     quant = [r for r in read_metrics(run_dir) if "quant/val_loss" in r]
     assert len(quant) == 1 and quant[0]["quant/val_loss"] == summary["quant_val_loss"]
+    assert quant[0]["export/compressed_bytes"] == export["compressed_bytes"]  # logged, for wandb too
+    assert quant[0]["export/raw_bytes"] == export["raw_bytes"] and quant[0]["export/ratio"] == export["ratio"]
     # Quantised matrices change the loss a little, not a lot.
     assert summary["quant_val_loss"] != summary["val_loss"]
     assert abs(summary["quant_val_loss"] - summary["val_loss"]) < 0.1

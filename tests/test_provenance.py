@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from speedrun.provenance import PROVENANCE_FIELDS, command_line, git_state
+from speedrun.provenance import PROVENANCE_FIELDS, command_line, data_identity, git_state
 from speedrun.sinks.wandb_reader import read_offline_run
 from tests.conftest import REPO, TINY, cli_env, read_summary
 
@@ -114,3 +114,12 @@ def test_the_command_is_recorded_as_typed():
         == "python -m speedrun.train a=1 'b=two words'"
     )
     assert command_line(["/venv/bin/speedrun-train", "-m", "seed=1,2"]) == "speedrun-train -m seed=1,2"
+
+
+def test_a_data_source_that_lists_no_files_has_null_hashes():
+    """A data source from outside speedrun need not have train_files / tokenizer_path: nulls, no error."""
+    assert data_identity(object()) == {
+        "data_manifest_sha256": None,
+        "data_shards": 0,
+        "tokenizer_sha256": None,
+    }
