@@ -7,7 +7,9 @@ Every figure is measured in one run, side by side where there is a comparison:
   peak memory and speed of `speedrun.prepare` on a 100 MB JSON-lines corpus and on one 30 MB document;
 - eval: tokens per second of `speedrun.eval.evaluate`;
 - cli: `--cfg job` latency and the time from process start to the first training record;
-- gpu: tokens/s and MFU with all speed features, then with each one switched off (CUDA only).
+- gpu: tokens/s and MFU with all speed features, then with each one switched off (CUDA only);
+- export: one trained model stored in every artifact variant (int8 / int6 x zlib, lzma, zstd,
+  brotli): each one's size and the bits-per-byte its round trip costs.
 
 `python benchmarks/bench.py [--only SECTION ...] [--out bench.json] [--check] [--tiny] [--threads N]`
 prints a table and writes JSON; it exits 0 (it is a report) unless --check is given and a target
@@ -39,20 +41,27 @@ import torch
 from hydra.utils import instantiate
 from torch import nn
 
+from speedrun.compressors import COMPRESSORS, CompressorError
 from speedrun.config import TrainerConfig, compose
 from speedrun.data.sources import StdlibCorpus
 from speedrun.data.stdlib_corpus import stdlib_documents
 from speedrun.data.stream import measure_loader_throughput
 from speedrun.distributed import DistContext
 from speedrun.eval import evaluate
+from speedrun.export import FORMATS, ArtifactFormat, load_artifact
 from speedrun.flops import mfu
-from speedrun.models.protocol import cast_for_mixed_precision, flops_per_token, parameter_groups
+from speedrun.models.protocol import (
+    cast_for_mixed_precision,
+    flops_per_token,
+    parameter_groups,
+    parameter_roles,
+)
 from speedrun.optim.muon_adam import MuonAdam
 from speedrun.schedules import WSD
 from speedrun.sinks import MultiSink
 from speedrun.trainer import RunPlan, Trainer
 
-SECTIONS = ("trainer", "data", "eval", "cli", "gpu")
+SECTIONS = ("trainer", "data", "eval", "cli", "gpu", "export")
 SPEED_FEATURES = ("compile", "bf16_autocast", "fused_adam", "flash_sdpa")
 
 
@@ -75,6 +84,11 @@ class Sizes:
     prepare_mb: float  # size of the JSON-lines corpus speedrun.prepare is measured on
     prepare_document_mb: float  # size of the single long document it is measured on as well
     cli_repeats: int
+    export_model: str  # the model the export section trains once and stores in every variant
+    export_steps: int
+    export_keep_float: (
+        int  # export.keep_float_max_numel: small enough that the model's matrices are quantised
+    )
 
 
 # The reference's per-rank batch: 524,288 tokens over 8 ranks, 64 sequences of 1024.
@@ -84,21 +98,20 @@ REFERENCE_LOADER = dict(loader_seq_len=1024, loader_tokens=65536)
 CPU_SIZES = Sizes(
     model="gpt_tiny", seq_len=128, batch_tokens=2048, steps=40, skip=3, min_runs=2, trainer_seconds=90,
     val_tokens=32768, eval_batch_tokens=4096, loader_seconds=2.0, prepare_mb=100, prepare_document_mb=30,
-    cli_repeats=5,
-    **REFERENCE_LOADER,
+    cli_repeats=5, export_model="gpt", export_steps=150, export_keep_float=4096, **REFERENCE_LOADER,
 )  # fmt: skip
 # parameter-golf's baseline model and per-rank batch.
 CUDA_SIZES = Sizes(
     model="pg_9x512", seq_len=1024, batch_tokens=65536, steps=40, skip=10, min_runs=3, trainer_seconds=60,
     val_tokens=1048576, eval_batch_tokens=65536, loader_seconds=2.0, prepare_mb=100, prepare_document_mb=30,
-    cli_repeats=5,
-    **REFERENCE_LOADER,
+    cli_repeats=5, export_model="pg_9x512", export_steps=300, export_keep_float=65536, **REFERENCE_LOADER,
 )  # fmt: skip
 # Plumbing only (tests): seconds in all, numbers meaningless.
 TINY_SIZES = Sizes(
     model="gpt_tiny", seq_len=64, batch_tokens=256, steps=4, skip=1, min_runs=2, trainer_seconds=0,
     val_tokens=1024, eval_batch_tokens=512, loader_seq_len=64, loader_tokens=4096, loader_seconds=0.1,
-    prepare_mb=2, prepare_document_mb=1, cli_repeats=1,
+    prepare_mb=2, prepare_document_mb=1, cli_repeats=1, export_model="gpt_tiny", export_steps=2,
+    export_keep_float=1024,
 )  # fmt: skip
 
 
@@ -466,6 +479,79 @@ def bench_eval(sizes: Sizes, device: torch.device) -> list[Result]:
     ]
 
 
+# --------------------------------------------------------------------------- export variants
+
+
+def train_for_export(sizes: Sizes, device: torch.device, data: StdlibCorpus, workdir: Path) -> nn.Module:
+    """The export section's model: `export_model` trained `export_steps` steps by the real Trainer."""
+    cuda = device.type == "cuda"
+    torch.manual_seed(0)
+    model = instantiate(compose([f"model={sizes.export_model}"]).model).to(device)
+    if cuda:
+        cast_for_mixed_precision(model)
+    settings = TrainerConfig(
+        train_batch_tokens=sizes.batch_tokens, max_steps=sizes.export_steps, val_every=0,
+        val_batch_tokens=sizes.eval_batch_tokens, log_every=0, keep_checkpoints=1, export=False,
+    )  # fmt: skip
+    plan = RunPlan(
+        run_dir=Path(tempfile.mkdtemp(prefix="export-", dir=workdir)), seq_len=sizes.seq_len,
+        grad_accum_steps=1, micro_batch_tokens=sizes.batch_tokens, max_steps=sizes.export_steps,
+        max_wallclock_ms=None, compile=cuda, autocast_dtype=torch.bfloat16 if cuda else None,
+    )  # fmt: skip
+    optimizer = MuonAdam(parameter_groups(model), compile_newtonschulz=cuda)
+    schedule = WSD(max_steps=sizes.export_steps, max_wallclock_ms=None)
+    ctx = DistContext(rank=0, local_rank=0, world_size=1, device=device)
+    Trainer(model, optimizer, schedule, data, MultiSink(), ctx, settings, plan, {}).fit()
+    return model
+
+
+def bench_export(sizes: Sizes, device: torch.device, workdir: Path) -> list[Result]:
+    """Every scheme x compressor on the same trained model: artifact bytes and round-trip delta bpb."""
+    progress(f"export variants: training {sizes.export_model} for {sizes.export_steps} steps")
+    data = StdlibCorpus(seq_len=sizes.seq_len, val_tokens=sizes.val_tokens)
+    data.prepare()
+    model = train_for_export(sizes, device, data, workdir)
+    val_tokens, luts = data.load_val_tokens(), data.byte_luts(device)
+    autocast_dtype = torch.bfloat16 if device.type == "cuda" else None
+
+    def bpb() -> float:
+        return evaluate(
+            model, val_tokens, luts, seq_len=sizes.seq_len, batch_tokens=sizes.eval_batch_tokens,
+            device=device, autocast_dtype=autocast_dtype,
+        )[1]  # fmt: skip
+
+    trained = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    roles = parameter_roles(model)
+    base_bpb = bpb()
+    shape = (
+        f"{sizes.export_model}, {sizes.export_steps} steps, keep_float_max_numel={sizes.export_keep_float}"
+    )
+    results = [Result("export: trained model val_bpb (before export)", base_bpb, "bpb", note=shape)]
+    for scheme in FORMATS:
+        for compressor in COMPRESSORS:
+            name = f"{scheme}_{compressor}"
+            progress(f"export variant {name}")
+            try:
+                artifact = ArtifactFormat(scheme, compressor, keep_float_max_numel=sizes.export_keep_float)
+            except CompressorError as error:  # an optional package not installed: a row that says so
+                results.append(
+                    Result(f"export {name}: artifact size", None, "kB", note=str(error), skipped=True)
+                )
+                continue
+            folder = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=workdir))
+            started = time.perf_counter()
+            payload = artifact.write(trained, folder, roles)
+            write_s = time.perf_counter() - started
+            model.load_state_dict(load_artifact(folder / artifact.filename), strict=True)
+            delta = bpb() - base_bpb
+            model.load_state_dict(trained, strict=True)
+            note = f"round trip {delta:+.5f} bpb, ratio {payload['ratio']:.3f}x, written in {write_s:.2f} s"
+            details = {**payload, "delta_bpb": delta, "write_s": write_s}
+            size_kb = payload["compressed_bytes"] / 1000  # the exact bytes are in the details
+            results.append(Result(f"export {name}: artifact size", size_kb, "kB", note=note, details=details))
+    return results
+
+
 # --------------------------------------------------------------------------- command line
 
 
@@ -721,8 +807,10 @@ def main(argv: list[str] | None = None) -> int:
                 results += bench_eval(sizes, device)
             elif section == "cli":
                 results += bench_cli(sizes, workdir, args.threads if device.type == "cpu" else None)
-            else:
+            elif section == "gpu":
                 results += bench_gpu(sizes, device)
+            else:
+                results += bench_export(sizes, device, workdir)
     wall_s = time.perf_counter() - wall_start
     report = {
         "date": datetime.date.today().isoformat(),

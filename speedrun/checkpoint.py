@@ -44,7 +44,16 @@ RESUMABLE_CHANGES = (
     "trainer.export",
     "trainer.max_loss",
     "trainer.device",
+    "trainer.stop_at_target",
+    "trainer.target_metric",
+    "trainer.target_value",
+    "trainer.target_margin",
+    "trainer.target_val_every",
     "logger.",
+    # The track a run is checked against, and the format it exports at the end, change no step.
+    "rules",
+    "rules.",
+    "export.",
 )
 
 

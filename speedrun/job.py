@@ -112,10 +112,38 @@ def _report(summary: dict, config: dict, info: dict, ctx, run_dir: Path, sinks) 
 
     summary.setdefault("world_size", ctx.world_size)
     if ctx.is_main:
+        summary["provenance"] = info.get("provenance")
+        summary["rules"] = _check_rules(config, summary)
         if sinks is not None:
             sinks.finish({**summary, "seed": int(config["seed"])})
         record_end(run_dir, summary, seed=int(config["seed"]), overrides=info["overrides"])
         log.info("summary: %s", run_dir / "summary.json")
+
+
+def _checked_instance(node):
+    """instantiate(node), raising the constructor's own error: it names the key and the fix, while
+    Hydra's InstantiationException wrapping it would make the run's one error line say only
+    "Error in call to target"."""
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate
+
+    try:
+        return instantiate(node)
+    except InstantiationException as e:
+        raise (e.__cause__ or e) from None
+
+
+def _check_rules(config: dict, summary: dict) -> dict | None:
+    """summary.json's `rules` block (null without a track); the console names each failed check."""
+    from speedrun.rules import failure_lines
+
+    if config.get("rules") is None:
+        return None
+    block = _checked_instance(config["rules"]).check(summary, config)
+    log.info("rules %s: %s", block["preset"], "pass" if block["pass"] else "FAIL")
+    for line in failure_lines(block):
+        log.warning("rules %s: %s", block["preset"], line)
+    return block
 
 
 def build_trainer(config: dict, info: dict, ctx, run_dir: Path):
@@ -127,6 +155,7 @@ def build_trainer(config: dict, info: dict, ctx, run_dir: Path):
 
     from speedrun.config.schema import TrainerConfig
     from speedrun.models import protocol
+    from speedrun.provenance import collect_provenance, provenance_lines
     from speedrun.sinks import build_sinks
     from speedrun.trainer import Trainer
 
@@ -138,6 +167,11 @@ def build_trainer(config: dict, info: dict, ctx, run_dir: Path):
     torch.manual_seed(seed)
 
     data = instantiate(cfg.data)
+    if ctx.is_main:  # rank 0 only: it alone reports, and git and hashing are not free
+        info["provenance"] = collect_provenance(data, ctx.device, ctx.world_size)
+        for line in provenance_lines(info["provenance"]):
+            log.info(line)
+    artifact_format = _checked_instance(cfg.export) if cfg.get("export") is not None else None
     model = instantiate(cfg.model).to(ctx.device)
     plan = _plan(config, info, settings, ctx, run_dir, model)
     if plan.autocast_dtype is not None:
@@ -155,11 +189,14 @@ def build_trainer(config: dict, info: dict, ctx, run_dir: Path):
     if ctx.is_main:
         _log_plan(plan, settings, ctx, model)
     sinks = build_sinks(
-        logger_factory=instantiate(cfg.logger) if cfg.logger is not None else None,
-        run_dir=run_dir, config=config, run_info=info, is_rank0=ctx.is_main, total_steps=plan.max_steps,
-        max_wallclock_ms=plan.max_wallclock_ms, tokens_per_step=settings.train_batch_tokens, log=log,
+        logger_factory=instantiate(cfg.logger) if cfg.logger is not None else None, run_dir=run_dir,
+        # The logger's config carries the provenance; the trainer's (saved in checkpoints) does not, so
+        # a resume compares only what changes the numbers.
+        config={**config, "provenance": info.get("provenance")}, run_info=info, is_rank0=ctx.is_main,
+        total_steps=plan.max_steps, max_wallclock_ms=plan.max_wallclock_ms,
+        tokens_per_step=settings.train_batch_tokens, log=log,
     )  # fmt: skip
-    return Trainer(model, optimizer, schedule, data, sinks, ctx, settings, plan, config)
+    return Trainer(model, optimizer, schedule, data, sinks, ctx, settings, plan, config, artifact_format)
 
 
 def _plan(config: dict, info: dict, settings, ctx, run_dir: Path, model):

@@ -29,9 +29,9 @@ from speedrun.checkpoint import CheckpointManager, load_checkpoint, rng_state, s
 from speedrun.config.schema import TrainerConfig
 from speedrun.distributed import DistContext
 from speedrun.eval import evaluate
-from speedrun.export import code_bytes, load_artifact, save_artifact
+from speedrun.export import ArtifactFormat, load_artifact
 from speedrun.flops import mfu
-from speedrun.models.protocol import parameter_counts, scalar_parameter_names, set_progress
+from speedrun.models.protocol import parameter_counts, parameter_roles, set_progress
 from speedrun.signals import StopRequest
 
 log = logging.getLogger("speedrun")
@@ -53,6 +53,12 @@ class RunPlan:
     resume_from: Path | None = None  # the checkpoint to continue from, chosen by the caller
 
 
+def synchronize(device: torch.device) -> None:
+    """Wait for queued GPU work, so that a timestamp taken next charges it to the right side."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
 class TrainingClock:
     """Training time in ms, evaluation and checkpoints excluded: it runs between start() and pause().
 
@@ -65,16 +71,12 @@ class TrainingClock:
         self.used_ms = used_ms
         self._started: float | None = None
 
-    def _sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-
     def start(self) -> None:
-        self._sync()
+        synchronize(self.device)
         self._started = time.perf_counter()
 
     def pause(self) -> None:
-        self._sync()
+        synchronize(self.device)
         self.used_ms = self.elapsed_ms()
         self._started = None
 
@@ -98,7 +100,8 @@ class LoopWatch:
 
 class Trainer:
     def __init__(self, model: nn.Module, optimizer, schedule, data, sinks, ctx: DistContext,
-                 settings: TrainerConfig, plan: RunPlan, config: dict):  # fmt: skip
+                 settings: TrainerConfig, plan: RunPlan, config: dict,
+                 artifact_format: ArtifactFormat | None = None):  # fmt: skip
         self.model = model
         self.optimizer = optimizer
         self.schedule = schedule
@@ -108,6 +111,7 @@ class Trainer:
         self.settings = settings
         self.plan = plan
         self.config = config  # saved in checkpoints, so a resume can tell what changed
+        self.artifact_format = artifact_format or ArtifactFormat()  # the reference's int8 + zlib
         self.device = ctx.device
         self.checkpoints = CheckpointManager(plan.run_dir / "checkpoints", settings.keep_checkpoints)
         self.stop = StopRequest()
@@ -120,6 +124,7 @@ class Trainer:
         self.records_logged = 0
         self.min_val_bpb = math.inf
         self.last_val: tuple[float, float | None] | None = None
+        self.last_val_ms = 0.0  # wallclock of the latest validation
         self.checkpointed_step = -1  # the step of the newest checkpoint on disk, so none is written twice
 
     # ------------------------------------------------------------------ set-up
@@ -205,8 +210,16 @@ class Trainer:
             autocast_dtype=self.plan.autocast_dtype,
         )  # fmt: skip
 
-    def _validate(self, eval_model: nn.Module, val_tokens, luts) -> None:
+    def _timed_evaluate(self, eval_model: nn.Module, val_tokens, luts) -> tuple[float, float | None, float]:
+        """(val_loss, val_bpb, wallclock ms), the device synchronised at both ends (the tracks' eval time)."""
+        synchronize(self.device)
+        started = time.perf_counter()
         val_loss, val_bpb = self._evaluate(eval_model, val_tokens, luts)
+        synchronize(self.device)
+        return val_loss, val_bpb, 1000.0 * (time.perf_counter() - started)
+
+    def _validate(self, eval_model: nn.Module, val_tokens, luts) -> None:
+        val_loss, val_bpb, self.last_val_ms = self._timed_evaluate(eval_model, val_tokens, luts)
         self.last_val = (val_loss, val_bpb)
         if val_bpb is not None:
             self.min_val_bpb = min(self.min_val_bpb, val_bpb)
@@ -337,9 +350,12 @@ class Trainer:
                 self._save_checkpoint(loader)
                 self._validate(eval_model, val_tokens, luts)
                 return watch.outcome
-            if self.settings.val_every > 0 and self.step % self.settings.val_every == 0:
+            if self._validation_due():
                 clock.pause()
                 self._validate(eval_model, val_tokens, luts)
+                if self._target_reached():
+                    self._save_checkpoint(loader)
+                    return {**watch.outcome, "stopped_at_target": True}
                 clock.start()
             train_loss = self._train_step(train_model, loader, self.step, clock.elapsed_ms())
             self.step += 1
@@ -370,6 +386,34 @@ class Trainer:
             if cap_reached and not watch.stopping:
                 watch.stopping = True
                 log.info("stopping_early: wallclock_cap train_time:%.0fms step:%d", elapsed_ms, self.step)
+
+    def _target_metric(self) -> float | None:
+        """The latest validation's value of trainer.target_metric (val_loss or val_bpb)."""
+        if self.last_val is None:
+            return None
+        return self.last_val[0] if self.settings.target_metric == "val_loss" else self.last_val[1]
+
+    def _target_reached(self) -> bool:
+        """stop_at_target is on and the latest validation reached the target (all ranks agree: the
+        validation metric is reduced over every rank)."""
+        metric = self._target_metric()
+        if not self.settings.stop_at_target or metric is None or metric > self.settings.target_value:
+            return False
+        log.info(
+            "stopping_early: target %s:%.4f <= %g step:%d train_time:%.0fms",
+            self.settings.target_metric, metric, self.settings.target_value, self.step, self.clock.used_ms,
+        )  # fmt: skip
+        return True
+
+    def _validation_due(self) -> bool:
+        """Every val_every steps; with stop_at_target, also every target_val_every steps once the metric
+        is within target_margin of the target, so the stop lands close to where it is first reached."""
+        s = self.settings
+        if s.val_every > 0 and self.step % s.val_every == 0:
+            return True
+        metric = self._target_metric()
+        near = s.stop_at_target and metric is not None and metric <= s.target_value + s.target_margin
+        return near and s.target_val_every > 0 and self.step % s.target_val_every == 0
 
     def _warn_about_schedule_once(self, watch: LoopWatch, elapsed_ms: float) -> None:
         """The schedule's own check of how it fits this hardware, once the step time is known."""
@@ -463,10 +507,15 @@ class Trainer:
             "mfu": self._mfu(tok_per_sec) if tok_per_sec else None,
             "peak_mem_mib": peak_memory_mib(self.device),
             "world_size": self.ctx.world_size,
+            # The final validation's wall time (the artifact's round trip: quant_eval_time_ms).
+            "eval_time_ms": round(self.last_val_ms, 3) if self.last_val else None,
+            "val_tokens_scored": (val_tokens.numel() - 1) // self.plan.seq_len * self.plan.seq_len,
         }
         if outcome["status"] == "completed" and not math.isfinite(summary["val_loss"] or math.nan):
             summary.update(status="diverged", error=f"the final validation loss is {summary['val_loss']}; "
                            "lower the learning rates (optimizer.*_lr)")  # fmt: skip
+        if self.settings.stop_at_target:
+            summary["stopped_at_target"] = bool(outcome.get("stopped_at_target"))
         if summary["status"] == "completed" and self.settings.export:
             summary.update(self._export(eval_model, val_tokens, luts))
         if summary["status"] == "completed" and self._stop_requested():
@@ -479,30 +528,53 @@ class Trainer:
         return dist_utils.any_rank(self.ctx, [self.stop.signal_name is not None])[0]
 
     def _export(self, eval_model, val_tokens, luts) -> dict:
-        """Write the int8+zlib artifact (rank 0), then every rank evaluates its round trip. A stop
+        """Write final_model.pt and the artifact (rank 0), then every rank evaluates its round trip:
+        reading the artifact back counts as evaluation time, as it does for a track's evaluator. A stop
         signal before the round trip skips it (the caller reports the run interrupted)."""
-        path = self.plan.run_dir / "final_model.int8.ptz"
         if self._stop_requested():
             return {}
+        artifact = self.artifact_format
+        path = self.plan.run_dir / artifact.filename
+        payload = None
         if self.ctx.is_main:
-            save_artifact(self.model.state_dict(), path, keep_fp32=scalar_parameter_names(self.model))
+            payload = artifact.write(self.model.state_dict(), self.plan.run_dir, parameter_roles(self.model))
         dist_utils.barrier(self.ctx)
         if self._stop_requested():
             return {}
+        synchronize(self.device)
+        started = time.perf_counter()
         self.model.load_state_dict(load_artifact(path), strict=True)
         quant_loss, quant_bpb = self._evaluate(eval_model, val_tokens, luts)
-        self._record({"quant/val_loss": quant_loss, "quant/val_bpb": quant_bpb})
+        synchronize(self.device)
+        eval_ms = 1000.0 * (time.perf_counter() - started)  # reading the artifact back, then evaluating
+        sizes = (
+            {f"export/{k}": payload[k] for k in ("raw_bytes", "compressed_bytes", "ratio")} if payload else {}
+        )
+        self._record({"quant/val_loss": quant_loss, "quant/val_bpb": quant_bpb, **sizes})
         model_bytes = path.stat().st_size
-        code = code_bytes(self.config)
+        code = artifact.code_bytes(self.config)
         bpb_text = "n/a" if quant_bpb is None else f"{quant_bpb:.8f}"
-        log.info("final_int8_zlib_roundtrip val_loss:%.8f val_bpb:%s", quant_loss, bpb_text)
-        log.info("artifact: model %d bytes + code %d bytes = %d bytes", model_bytes, code, model_bytes + code)
+        log.info("final_%s_roundtrip val_loss:%.8f val_bpb:%s", artifact.name, quant_loss, bpb_text)
+        if payload is not None:
+            log.info(
+                "export %s: tensors %d bytes -> payload %d -> serialized %d -> compressed %d bytes "
+                "(ratio %.3f); final_model.pt %d bytes",
+                artifact.name, payload["tensor_bytes"], payload["payload_bytes"], payload["raw_bytes"],
+                payload["compressed_bytes"], payload["ratio"], payload["raw_model_bytes"],
+            )  # fmt: skip
+        log.info(
+            "artifact: model %d bytes + code %d bytes (%s) = %d bytes",
+            model_bytes, code, artifact.code_description(), model_bytes + code,
+        )  # fmt: skip
         results = {
             "quant_val_loss": quant_loss,
             "quant_val_bpb": quant_bpb,
             "model_bytes": model_bytes,
             "code_bytes": code,
             "artifact_bytes": model_bytes + code,
+            "code_files": [str(f) for f in artifact.code_files] or None,
+            "quant_eval_time_ms": round(eval_ms, 3),
+            "export": payload,
         }
         if not math.isfinite(quant_loss):
             results.update(status="failed", error=f"the int8 round trip's validation loss is {quant_loss}")

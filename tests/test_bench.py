@@ -53,6 +53,12 @@ def test_every_section_reports_a_row_in_the_table_and_the_json(tmp_path: Path, c
     assert first_step["status"] == "info", first_step["note"]
     assert 0 < first_step["value"] < 240
     assert report["wall_s"] > 0 and report["machine"]["cpu_count"] >= 1
+    # One trained model in every export variant: its size and what the round trip costs in bpb.
+    variants = [
+        r for name, r in rows.items() if name.startswith("export ") and name.endswith(": artifact size")
+    ]
+    assert len(variants) == 8 and all(r["value"] > 0 and "round trip" in r["note"] for r in variants)
+    assert rows["export int8_zlib: artifact size"]["details"]["file"] == "final_model.int8.ptz"
 
 
 @pytest.mark.timeout(120)

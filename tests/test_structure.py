@@ -175,8 +175,8 @@ def test_options_state_only_what_differs_from_their_schema(path):
     extends = [
         d for d in text.get("defaults", []) if isinstance(d, str) and d.startswith(f"/{SCHEMA_GROUP}/")
     ]
-    if not extends:  # logger=none sets the group to null
-        assert text == {"logger": None}
+    if not extends:  # logger=none and rules=none set their group to null
+        assert text == {path.parent.name: None}
         return
     group, name = extends[0].split("/")[2:4]
     defaults = schema_defaults(SCHEMAS[group][name.split("@")[0]])

@@ -356,8 +356,50 @@ class TrainerConfig:
     resume_force: bool = False
     # Stop as diverged when the training loss exceeds this (0 = only non-finite losses stop).
     max_loss: float = 0.0
-    # Write the int8+zlib artifact and evaluate its round trip at the end.
+    # Write the artifact (its format: the `export` group) and evaluate its round trip at the end.
     export: bool = True
+    # End training once the validation metric (val_loss or val_bpb) reaches target_value; once it is
+    # within target_margin of it, validate every target_val_every steps (0: only every val_every).
+    stop_at_target: bool = False
+    target_metric: str = "val_loss"  # val_loss | val_bpb
+    target_value: float = 0.0
+    target_margin: float = 0.0
+    target_val_every: int = 0
+
+
+# --------------------------------------------------------------------------- export
+
+
+@dataclass
+class ArtifactFormatConfig:
+    """The artifact's format (speedrun/export.py); the defaults are the reference's int8 + zlib."""
+
+    _target_: str = "speedrun.export.ArtifactFormat"
+    scheme: str = "int8"  # int8 | int6 (int6 matrices, int8 embeddings)
+    compressor: str = "zlib"  # zlib | lzma | zstd | brotli
+    level: int | None = None  # null: the compressor's strongest (zlib 9, lzma 9, zstd 22, brotli 11)
+    keep_float_max_numel: int = 65536  # float tensors this small are kept (fp16, or fp32 for scalars)
+    # The file(s) that stand for the submission's code in code_bytes (relative to where you launch);
+    # empty: the speedrun modules the run imported.
+    code_files: list[str] = field(default_factory=list)
+
+
+# --------------------------------------------------------------------------- rules
+
+
+@dataclass
+class TrackRulesConfig:
+    """A track's limits (speedrun/rules.py), checked once per run; null = no such limit."""
+
+    _target_: str = "speedrun.rules.TrackRules"
+    name: str = "custom"
+    max_artifact_bytes: int | None = None  # model bytes + code bytes
+    max_train_seconds: float | None = None
+    max_eval_seconds: float | None = None  # the final score's evaluation (eval_time_ms)
+    max_val_loss: float | None = None
+    val_tokens: int | None = None  # validation tokens the score covers: 0 = the whole split
+    gpu_count: int | None = None
+    gpu_name: str | None = None  # matched as a substring of the device name, e.g. H100
 
 
 # --------------------------------------------------------------------------- top level
@@ -372,6 +414,8 @@ class Config:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logger: Any = None
     seed: int = 1337
+    export: Any = None
+    rules: Any = None
 
 
 SCHEMA_GROUP = "speedrun_schema"
@@ -393,6 +437,8 @@ SCHEMAS: dict[str, dict[str, type]] = {
     },
     "trainer": {"trainer": TrainerConfig},
     "logger": {"wandb": WandbLoggerConfig},
+    "export": {"artifact": ArtifactFormatConfig},
+    "rules": {"track": TrackRulesConfig},
 }
 
 

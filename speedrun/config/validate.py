@@ -259,6 +259,16 @@ def _check_trainer(trainer: DictConfig, seq_len: int, world_size: int) -> None:
         f"trainer.warmup_steps={trainer.warmup_steps} is longer than the horizon trainer.max_steps="
         f"{trainer.max_steps}; warm-up steps are untimed compile warm-ups, a few are enough",
     )
+    if trainer.stop_at_target:
+        _require(
+            trainer.target_metric in ("val_loss", "val_bpb"),
+            f"trainer.target_metric={trainer.target_metric!r} must be val_loss or val_bpb",
+        )
+        _require(trainer.target_value > 0, "trainer.stop_at_target needs trainer.target_value, e.g. 3.28")
+        _require(
+            trainer.val_every > 0,
+            "trainer.stop_at_target needs validations during training: set trainer.val_every",
+        )
     parse_nproc(trainer.nproc_per_node, cuda_devices=1)
     parse_compile(trainer.compile, on_cuda=False)
     _require(
