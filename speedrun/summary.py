@@ -98,12 +98,21 @@ def record_end(run_dir: Path, summary: dict, *, seed: int, overrides: list[str])
 
 
 def record_early_end(
-    run_dir: Path, status: str, error: str, *, seed: int, overrides: list[str], replace: bool = False
+    run_dir: Path,
+    status: str,
+    error: str,
+    *,
+    seed: int,
+    overrides: list[str],
+    replace: bool = False,
+    fresh: bool = False,
 ) -> None:
     """The record of a job that ended before rank 0 could write one (keeping rank 0's if it did,
     unless `replace`: then its status and error are overwritten, its measurements kept). Rank 0's
-    `interrupted` always stands: all ranks agreed on that stop, so none of them had crashed."""
-    existing = read_summary(run_dir)
+    `interrupted` always stands: all ranks agreed on that stop, so none of them had crashed.
+    `fresh`: the attempt ended before training, in a folder where none trained before, so whatever
+    summary is there is an earlier failed attempt's, which this one's record replaces."""
+    existing = None if fresh else read_summary(run_dir)
     status_written = existing.get("status") if existing else None
     if status_written not in (None, "running") and (not replace or status_written == "interrupted"):
         return

@@ -239,7 +239,7 @@ def _refuse(folder: RunFolder, info: dict, cfg: DictConfig, rank0: bool, started
         return status
     if not folder.trained_before():
         folder.write_hydra_record(cfg, _hydra_config(), info["overrides"])
-        record_early_end(folder.path, status, error, seed=cfg.seed, overrides=info["overrides"])
+        record_early_end(folder.path, status, error, seed=cfg.seed, overrides=info["overrides"], fresh=True)
     folder.log_attempt(started, status if status == "interrupted" else "refused", error)
     return status
 

@@ -73,7 +73,7 @@ CASES = {
     "compare: alpha above 1": (COMPARE, ["{run}", "--alpha", "2"], "--alpha"),
     "compare: target nan": (COMPARE, ["{run}", "--target", "nan"], "--target"),
     "compare: missing folder": (COMPARE, ["{tmp}/none"], "{tmp}/none"),
-    "fineweb: unknown variant": (FINEWEB, ["--variant", "nope"], "nope"),
+    "fineweb: unknown variant": (FINEWEB, ["--variant", "nope", "--train-shards", "1"], "nope"),
 }  # fmt: skip
 
 

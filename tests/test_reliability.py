@@ -505,14 +505,16 @@ def test_a_live_run_folder_is_refused_naming_its_process_and_kill_9_cannot_leave
     args = (*FAST, "trainer.val_every=0", "trainer.checkpoint_every=2", "trainer.export=false")
     first = start_train(run_dir, *args, "trainer.max_steps=10000")
     wait_until(lambda: len(checkpoint_names(run_dir)) >= 1, first)
-    record = {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file() and p.name != "metrics.jsonl"}
+    hydra_record = {p.name: p.read_bytes() for p in (run_dir / ".hydra").iterdir()}
     second = run_train(run_dir, *args, "trainer.max_steps=10000", check=False)
     errors = error_lines(second)
     assert second.returncode != 0 and len(errors) == 1, second.stdout + second.stderr
     assert f"run folder {run_dir} is in use by process {first.pid}" in errors[0]
     assert "Traceback" not in second.stdout + second.stderr and first.poll() is None
-    # The refused attempt wrote nothing: not even its attempts line (the folder belongs to a live run).
-    assert {p.name: p.read_bytes() for p in run_dir.iterdir() if p.name in record} == record
+    # The refused attempt wrote nothing: not its record, not even its attempts line (the folder is a live
+    # run's, which writes its own attempts line and summary when it ends).
+    assert {p.name: p.read_bytes() for p in (run_dir / ".hydra").iterdir()} == hydra_record
+    assert not (run_dir / "attempts.jsonl").exists() and not (run_dir / "summary.json").exists()
     os.killpg(first.pid, signal.SIGKILL)
     first.wait(timeout=30)
     newest = int(checkpoint_names(run_dir)[-1][5:14])

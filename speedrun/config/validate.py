@@ -198,13 +198,13 @@ def _check_known_keys(node: DictConfig, path: str) -> None:
 def validate_config(cfg: DictConfig, world_size: int = 1) -> None:
     """Refuse, with the fix named, a config whose keys, values or shapes cannot run."""
     _check_known_keys(cfg, "")
-    try:
-        values = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
-    except MissingMandatoryValue as exc:
-        key = exc.full_key or "a value"
-        raise ConfigError(f"{key} is required: set {key}=... on the command line") from None
     for group in CHECKED_GROUPS:
-        _check_numbers(values.get(group), group)
+        try:
+            values = OmegaConf.to_container(cfg[group], resolve=True, throw_on_missing=True)
+        except MissingMandatoryValue as exc:
+            key = exc.full_key or "a value"
+            raise ConfigError(f"{key} is required: set {key}=... on the command line") from None
+        _check_numbers(values, group)
     _check_shapes(cfg, world_size)
     _check_trainer(cfg.trainer, cfg.data.seq_len, world_size)
     if cfg.logger is not None and "mode" in cfg.logger:
