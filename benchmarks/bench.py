@@ -588,9 +588,33 @@ def bench_cli(sizes: Sizes, workdir: Path, threads: int | None) -> list[Result]:
             details={"seconds": latencies},
         )
     ]
+    results.append(config_error_latency(sizes, threads))
     progress("time to first step")
     results.append(time_to_first_step(workdir / "first_step", threads))
     return results
+
+
+def config_error_latency(sizes: Sizes, threads: int | None) -> Result:
+    """Seconds until a config error's one line (median), with nproc_per_node=auto: refused before torch."""
+    progress("config error latency")
+    command = [
+        sys.executable,
+        "-m",
+        "speedrun.train",
+        "optimizer.matrix_lr=-1",
+        "trainer.nproc_per_node=auto",
+    ]
+    latencies = []
+    for _ in range(sizes.cli_repeats):
+        start = time.perf_counter()
+        proc = subprocess.run(command, env=cli_env(threads), capture_output=True, text=True, timeout=120)
+        latencies.append(time.perf_counter() - start)
+        if proc.returncode == 0 or not proc.stderr.startswith("error:"):
+            return Result(
+                "config error latency", None, "s", ("<=", 0.5), note="the bad config was not refused"
+            )
+    return Result("config error latency (median)", statistics.median(latencies), "s", ("<=", 0.5),
+                  note=f"{len(latencies)} runs", details={"seconds": latencies})  # fmt: skip
 
 
 def time_to_first_step(run_dir: Path, threads: int | None) -> Result:

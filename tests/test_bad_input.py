@@ -65,6 +65,7 @@ CASES = {
     "vocabulary smaller than the tokenizer's": (TRAIN, ["model.vocab_size=512"], "model.vocab_size"),
     "changed config over the run": (TRAIN, ["data.seq_len=32"], "data.seq_len"),
     "fresh start over the run": (TRAIN, ["trainer.resume=never"], "trainer.resume"),
+    "forced resume into another model": (TRAIN, ["model.num_layers=3", "trainer.resume_force=true"], "blocks.2."),
     # The other tools.
     "prepare: missing input": (PREPARE, ["--input", "{tmp}/none.txt", "--output", "{tmp}/out", "--vocab-size", "300"], "{tmp}/none.txt"),
     "prepare: vocabulary beyond uint16": (PREPARE, ["--input", "{file}", "--output", "{tmp}/out", "--vocab-size", "70000"], "70000"),

@@ -18,8 +18,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from speedrun.data.shards import HEADER_BYTES
+from speedrun.export import code_bytes
 from speedrun.signals import signals_held
 from tests.conftest import REPO, TINY, cli_env, read_metrics, read_summary
 
@@ -310,3 +312,18 @@ def test_slurm_preset_runs_one_task_per_gpu() -> None:
         launcher = compose("config", overrides=overrides, return_hydra_config=True).hydra.launcher
     assert launcher._target_.endswith("SlurmLauncher")
     assert (launcher.nodes, launcher.tasks_per_node) == (2, 4)
+
+
+@pytest.mark.timeout(300)
+def test_code_bytes_is_the_same_however_the_job_is_launched(corpus: Path, tmp_path: Path) -> None:
+    """In-process and on 2 local ranks (two jobs of one sweep) and under torchrun: one number, the size of
+    the framework source a training job runs (speedrun.export.code_bytes), whatever a process imported."""
+    common = [*TINY, "trainer.max_steps=2", "trainer.val_every=0", f"data.cache_dir={corpus}"]
+    sweep = tmp_path / "sweep"
+    succeeded(run([*TRAIN, "-m", "trainer.nproc_per_node=1,2", *common, f"hydra.sweep.dir={sweep}"]))
+    succeeded(run([*TORCHRUN, "-m", "speedrun.train", *common, f"hydra.run.dir={tmp_path / 'torchrun'}"]))
+    runs = [*sorted(p for p in sweep.iterdir() if p.is_dir()), tmp_path / "torchrun"]
+    summaries = [read_summary(path) for path in runs]
+    assert [s["world_size"] for s in summaries] == [1, 2, 2]
+    config = yaml.safe_load((runs[0] / ".hydra" / "config.yaml").read_text())
+    assert {s["code_bytes"] for s in summaries} == {code_bytes(config)}

@@ -28,6 +28,7 @@ from speedrun.checkpoint import load_checkpoint
 from speedrun.data.shards import HEADER_BYTES, load_shard, write_shard
 from speedrun.sinks.wandb_reader import read_offline_runs
 from tests.conftest import REPO, TINY, cli_env, read_metrics, read_summary, run_train
+from tests.test_sinks import strict_json
 
 pytestmark = pytest.mark.usefixtures("corpus")
 
@@ -333,6 +334,12 @@ def test_divergence_stops_at_once_without_artifact(tmp_path, trigger):
                      "trainer.checkpoint_every=1", *trigger, check=False)  # fmt: skip
     assert proc.returncode != 0
 
+    # Both files are strict JSON (no NaN), whatever the losses were.
+    for line in [
+        *(run_dir / "metrics.jsonl").read_text().splitlines(),
+        (run_dir / "summary.json").read_text(),
+    ]:
+        strict_json(line)
     summary = read_summary(run_dir)
     step = summary["diverged_step"]
     assert summary["status"] == "diverged" and summary["steps"] == step

@@ -213,3 +213,21 @@ def test_the_logger_factory_gets_the_run_folder_config_and_run_info(tmp_path):
         "config": {"seed": 1},
         "run_info": {"sweep_dir_name": None, "sweep_preset": None, "job_name": None},
     }
+
+
+def strict_json(text: str) -> object:
+    """json.loads that refuses NaN and Infinity, which are not JSON."""
+
+    def refuse(constant: str) -> None:
+        raise ValueError(f"{constant} is not JSON")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_jsonl_is_strict_json_with_the_non_finite_values_named(tmp_path):
+    sink = JsonlSink(tmp_path / "metrics.jsonl")
+    sink.log({**TRAIN, "train/loss": float("nan"), "step_ms": float("inf")})
+    sink.finish({"status": "diverged"})
+    record = strict_json((tmp_path / "metrics.jsonl").read_text())
+    assert record["train/loss"] is None and record["step_ms"] is None
+    assert record["nonfinite"] == {"train/loss": "nan", "step_ms": "inf"}

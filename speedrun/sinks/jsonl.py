@@ -6,11 +6,12 @@ import json
 from pathlib import Path
 
 from speedrun.sinks.base import Sink
+from speedrun.summary import finite_only
 
 
 class JsonlSink(Sink):
-    """Appends each record to `path` as one JSON line (non-finite floats are written as NaN/Infinity,
-    which Python's json and pandas read back)."""
+    """Appends each record to `path` as one strict JSON line: a non-finite number is written as null,
+    and the record's `nonfinite` names it and what it was (`{"train/loss": "nan"}`)."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
@@ -19,7 +20,11 @@ class JsonlSink(Sink):
         self._file = self.path.open("a", encoding="utf-8")
 
     def log(self, record: dict) -> None:
-        self._file.write(json.dumps(record) + "\n")
+        nonfinite: dict[str, str] = {}
+        record = finite_only(record, nonfinite=nonfinite)
+        if nonfinite:
+            record["nonfinite"] = nonfinite
+        self._file.write(json.dumps(record, allow_nan=False) + "\n")
         self._file.flush()
 
     def finish(self, summary: dict) -> None:
