@@ -26,7 +26,7 @@ from speedrun.run_folder import RunFolder, RunFolderBusy
 from speedrun.summary import read_summary
 
 SWEEP_RECORD = "sweep.json"
-# Hydra settings that place a sweep rather than define it: the same sweep may be resumed with them changed.
+# Hydra settings that place a sweep: its resume command sets them itself.
 PLACEMENT = ("hydra.sweep.dir", "hydra.mode")
 
 
@@ -50,9 +50,14 @@ def natural_key(text: str) -> list:
 
 
 def _definition(config: DictConfig) -> list[str]:
-    """What makes this sweep this sweep: its overrides, minus where it is placed."""
-    hydra_overrides = [o for o in config.hydra.overrides.hydra if not o.startswith(PLACEMENT)]
-    return sorted([*config.hydra.overrides.task, *hydra_overrides])
+    """What makes this sweep this sweep: its task overrides, minus those a resumed run may change (the
+    horizon, cadence, logging: speedrun.checkpoint.RESUMABLE_CHANGES) and Hydra's own (where and how
+    the sweep runs). Each job still checks its own config against its checkpoint when it resumes."""
+    from speedrun.checkpoint import resumable_change
+
+    return sorted(
+        o for o in config.hydra.overrides.task if not resumable_change(o.split("=", 1)[0].lstrip("+~"))
+    )
 
 
 class SweepReport(Callback):

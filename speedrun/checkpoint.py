@@ -265,13 +265,18 @@ def _flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
+def resumable_change(key: str) -> bool:
+    """Whether a resumed run may change this dotted key (RESUMABLE_CHANGES; `logger.` also covers the
+    whole group, so `logger=none` may resume a run that logged to wandb)."""
+    return any(
+        key == p or (p.endswith(".") and (key.startswith(p) or key == p[:-1])) for p in RESUMABLE_CHANGES
+    )
+
+
 def config_differences(saved: dict, current: dict) -> list[str]:
     """Keys whose values differ in a way that changes the run (see RESUMABLE_CHANGES)."""
     a, b = _flatten(saved), _flatten(current)
     keys = sorted(set(a) | set(b))
     return [
-        f"{k}: {a.get(k)!r} -> {b.get(k)!r}"
-        for k in keys
-        if a.get(k) != b.get(k)
-        and not any(k == p or (p.endswith(".") and k.startswith(p)) for p in RESUMABLE_CHANGES)
+        f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in keys if a.get(k) != b.get(k) and not resumable_change(k)
     ]

@@ -98,10 +98,10 @@ def precheck(argv: list[str]) -> str | None:
             except Exception:  # noqa: BLE001 - a sweep that only its sweeper can enumerate
                 continue
         cfg = _compose_or_explain(overrides, args.config_name or "config")
-        nproc = cfg.trainer.nproc_per_node
-        validate_config(
-            cfg, world_size=1 if nproc == "auto" else int(str(nproc)) if str(nproc).isdigit() else 1
-        )
+        nproc = str(cfg.trainer.nproc_per_node)
+        world_size = int(nproc) if nproc.isdigit() else 1  # auto: 1 here, the GPU count once a job runs
+        # Only printing the config (--cfg job): mandatory values may stay unset.
+        validate_config(cfg, world_size, require_all=not args.cfg)
     except Exception as exc:  # noqa: BLE001 - any config error becomes its one line
         return one_line(exc)
     return None

@@ -382,8 +382,8 @@ def test_swiglu_keeps_the_record_layouts_parameter_count_within_half_a_percent()
 
 
 def test_control_patterns_choose_the_scalar_role_and_what_stays_fp32():
-    from speedrun.export import quantize_state_dict_int8
-    from speedrun.models.protocol import parameter_groups, scalar_parameter_names
+    from speedrun.export import quantize_state_dict
+    from speedrun.models.protocol import parameter_groups
     from speedrun.optim import MuonAdam
 
     # c_q joins the control tensors; resid_mix leaves them.
@@ -402,7 +402,7 @@ def test_control_patterns_choose_the_scalar_role_and_what_stays_fp32():
     muon = {names[id(p)] for p in optimizer.optimizers["matrix"].param_groups[0]["params"]}
     assert "blocks.0.attn.c_q.weight" in scalar_adam and "blocks.0.resid_mix" in muon
     # The artifact: small float tensors are kept, the control ones in fp32 and the rest in fp16.
-    artifact, _ = quantize_state_dict_int8(custom.state_dict(), scalar_parameter_names(custom))
+    artifact, _ = quantize_state_dict(custom.state_dict(), roles)
     kept = artifact["passthrough"]
     assert kept["blocks.0.attn.c_q.weight"].dtype == torch.float32
     assert kept["blocks.0.resid_mix"].dtype == torch.float16

@@ -30,10 +30,11 @@ def job_dirs(sweep: Path) -> list[Path]:
 
 
 def report(proc: subprocess.CompletedProcess, sweep: Path) -> list[str]:
-    """The end-of-sweep report (the lines from the `sweep ...: n/m jobs completed` line on)."""
+    """The end-of-sweep report (the lines from the `sweep ...: n/m jobs completed` line on), but the
+    command that resumes the sweep, which names its own launcher."""
     lines = proc.stdout.replace(str(sweep), "SWEEP").splitlines()
     start = next(i for i, line in enumerate(lines) if re.match(r"sweep SWEEP: \d+/\d+ jobs completed", line))
-    return lines[start:]
+    return [line for line in lines[start:] if not line.startswith("resume the sweep: ")]
 
 
 def running_interval(job: Path) -> tuple[float, float]:

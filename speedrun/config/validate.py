@@ -195,12 +195,13 @@ def _check_known_keys(node: DictConfig, path: str) -> None:
             _check_known_keys(child, f"{path}{key}.")
 
 
-def validate_config(cfg: DictConfig, world_size: int = 1) -> None:
-    """Refuse, with the fix named, a config whose keys, values or shapes cannot run."""
+def validate_config(cfg: DictConfig, world_size: int = 1, require_all: bool = True) -> None:
+    """Refuse, with the fix named, a config whose keys, values or shapes cannot run. `require_all=False`
+    lets mandatory values (`???`) stay unset, for a config that is only printed (`--cfg job`)."""
     _check_known_keys(cfg, "")
     for group in CHECKED_GROUPS:
         try:
-            values = OmegaConf.to_container(cfg[group], resolve=True, throw_on_missing=True)
+            values = OmegaConf.to_container(cfg[group], resolve=True, throw_on_missing=require_all)
         except MissingMandatoryValue as exc:
             key = exc.full_key or "a value"
             raise ConfigError(f"{key} is required: set {key}=... on the command line") from None
