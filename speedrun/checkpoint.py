@@ -44,6 +44,10 @@ RESUMABLE_CHANGES = (
     "trainer.export",
     "trainer.max_loss",
     "trainer.device",
+    "trainer.sample_every",
+    "trainer.sample_tokens",
+    "trainer.sample_temperature",
+    "trainer.sample_prompts",
     "logger.",
 )
 

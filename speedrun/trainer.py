@@ -28,10 +28,11 @@ from speedrun import distributed as dist_utils
 from speedrun.checkpoint import CheckpointManager, load_checkpoint, rng_state, set_rng_state
 from speedrun.config.schema import TrainerConfig
 from speedrun.distributed import DistContext
-from speedrun.eval import evaluate
+from speedrun.eval import Evaluation, evaluate
 from speedrun.export import code_bytes, load_artifact, save_artifact
 from speedrun.flops import mfu
 from speedrun.models.protocol import parameter_counts, scalar_parameter_names, set_progress
+from speedrun.samples import build_sampler, sample_log_lines
 from speedrun.signals import StopRequest
 
 log = logging.getLogger("speedrun")
@@ -119,7 +120,8 @@ class Trainer:
         self.clock = TrainingClock(self.device)
         self.records_logged = 0
         self.min_val_bpb = math.inf
-        self.last_val: tuple[float, float | None] | None = None
+        self.last_val: Evaluation | None = None
+        self.sampler = None  # rank 0's, when trainer.sample_every is on (set up in fit)
         self.checkpointed_step = -1  # the step of the newest checkpoint on disk, so none is written twice
 
     # ------------------------------------------------------------------ set-up
@@ -195,22 +197,40 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         loader.load_state_dict(initial_loader)
 
-    def _evaluate(self, eval_model: nn.Module, val_tokens, luts) -> tuple[float, float | None]:
+    def _evaluate(self, eval_model: nn.Module, val_tokens, luts) -> Evaluation:
+        """Windows of trainer.val_seq_len (0: data.seq_len) advancing by trainer.val_stride (0: no overlap)."""
         self._tell_progress(self.step, self.clock.elapsed_ms())
+        seq_len = self.settings.val_seq_len or self.plan.seq_len
         per_rank_batch = self.settings.val_batch_tokens // (self.ctx.world_size * self.plan.grad_accum_steps)
-        per_rank_batch = max(per_rank_batch // self.plan.seq_len, 1) * self.plan.seq_len
+        per_rank_batch = max(per_rank_batch // seq_len, 1) * seq_len
         return evaluate(
-            eval_model, val_tokens, luts, seq_len=self.plan.seq_len, batch_tokens=per_rank_batch,
-            rank=self.ctx.rank, world_size=self.ctx.world_size, device=self.device,
-            autocast_dtype=self.plan.autocast_dtype,
+            eval_model, val_tokens, luts, seq_len=seq_len, stride=self.settings.val_stride or seq_len,
+            batch_tokens=per_rank_batch, rank=self.ctx.rank, world_size=self.ctx.world_size,
+            device=self.device, autocast_dtype=self.plan.autocast_dtype,
         )  # fmt: skip
 
     def _validate(self, eval_model: nn.Module, val_tokens, luts) -> None:
-        val_loss, val_bpb = self._evaluate(eval_model, val_tokens, luts)
-        self.last_val = (val_loss, val_bpb)
-        if val_bpb is not None:
-            self.min_val_bpb = min(self.min_val_bpb, val_bpb)
-        self._record({"val/loss": val_loss, "val/bpb": val_bpb})
+        self.last_val = result = self._evaluate(eval_model, val_tokens, luts)
+        if result.bpb is not None:
+            self.min_val_bpb = min(self.min_val_bpb, result.bpb)
+        self._record(
+            {"val/loss": result.loss, "val/bpb": result.bpb, "val/time_ms": round(result.time_ms, 3)}
+        )
+
+    def _samples_due(self) -> bool:
+        every = self.settings.sample_every
+        return every > 0 and self.step > 0 and self.step % every == 0
+
+    def _write_samples(self) -> None:
+        """Rank 0 writes the samples (log, metrics.jsonl, wandb); the other ranks wait, their clocks
+        paused as rank 0's is, so that every rank counts the same training time."""
+        if self.sampler is not None:
+            with self._autocast():
+                rows = self.sampler.samples()
+            for line in sample_log_lines(self.step, rows):
+                log.info(line)
+            self._record({"samples": rows})
+        dist_utils.barrier(self.ctx)
 
     # ------------------------------------------------------------------ logging
 
@@ -301,6 +321,10 @@ class Trainer:
         luts = self.data.byte_luts(self.device)
         loader = self.data.train_loader(self.ctx.rank, self.ctx.world_size, self.device)
         self.model.train()
+        if self.settings.sample_every > 0 and self.ctx.is_main:
+            s = self.settings
+            self.sampler = build_sampler(self.model, self.data.tokenizer(), s.sample_prompts, s.sample_tokens,
+                                         s.sample_temperature, seed=int(self.config.get("seed", 0)))  # fmt: skip
         if self.settings.warmup_steps:
             self._warmup(train_model, loader)
         self._resume(loader)
@@ -336,10 +360,16 @@ class Trainer:
                 clock.pause()
                 self._save_checkpoint(loader)
                 self._validate(eval_model, val_tokens, luts)
+                if self.settings.sample_every > 0:
+                    self._write_samples()
                 return watch.outcome
             if self.settings.val_every > 0 and self.step % self.settings.val_every == 0:
                 clock.pause()
                 self._validate(eval_model, val_tokens, luts)
+                clock.start()
+            if self._samples_due():
+                clock.pause()
+                self._write_samples()
                 clock.start()
             train_loss = self._train_step(train_model, loader, self.step, clock.elapsed_ms())
             self.step += 1
@@ -450,8 +480,8 @@ class Trainer:
         tok_per_sec = tokens_seen / (train_time_ms / 1000.0) if train_time_ms > 0 else None
         summary = {
             **outcome,
-            "val_loss": self.last_val[0] if self.last_val else None,
-            "val_bpb": self.last_val[1] if self.last_val else None,
+            "val_loss": self.last_val.loss if self.last_val else None,
+            "val_bpb": self.last_val.bpb if self.last_val else None,
             "min_val_bpb": self.min_val_bpb if math.isfinite(self.min_val_bpb) else None,
             "params": sum(p.numel() for p in self.model.parameters()),
             "params_by_role": {k: v for k, v in parameter_counts(self.model).items() if k != "total"},
@@ -463,6 +493,9 @@ class Trainer:
             "mfu": self._mfu(tok_per_sec) if tok_per_sec else None,
             "peak_mem_mib": peak_memory_mib(self.device),
             "world_size": self.ctx.world_size,
+            # The final validation: its wall time (the tracks' evaluation-time limit) and what it scored.
+            "eval_time_ms": round(self.last_val.time_ms, 3) if self.last_val else None,
+            "val_tokens_scored": self.last_val.tokens if self.last_val else None,
         }
         if outcome["status"] == "completed" and not math.isfinite(summary["val_loss"] or math.nan):
             summary.update(status="diverged", error=f"the final validation loss is {summary['val_loss']}; "
@@ -489,9 +522,13 @@ class Trainer:
         dist_utils.barrier(self.ctx)
         if self._stop_requested():
             return {}
+        started = time.perf_counter()  # the round trip's time: reading the artifact back, then evaluating
         self.model.load_state_dict(load_artifact(path), strict=True)
-        quant_loss, quant_bpb = self._evaluate(eval_model, val_tokens, luts)
-        self._record({"quant/val_loss": quant_loss, "quant/val_bpb": quant_bpb})
+        quant = self._evaluate(eval_model, val_tokens, luts)
+        quant_eval_time_ms = 1000.0 * (time.perf_counter() - started)
+        quant_loss, quant_bpb = quant.loss, quant.bpb
+        self._record({"quant/val_loss": quant_loss, "quant/val_bpb": quant_bpb,
+                      "quant/time_ms": round(quant_eval_time_ms, 3)})  # fmt: skip
         model_bytes = path.stat().st_size
         code = code_bytes(self.config)
         bpb_text = "n/a" if quant_bpb is None else f"{quant_bpb:.8f}"
@@ -503,6 +540,7 @@ class Trainer:
             "model_bytes": model_bytes,
             "code_bytes": code,
             "artifact_bytes": model_bytes + code,
+            "quant_eval_time_ms": round(quant_eval_time_ms, 3),
         }
         if not math.isfinite(quant_loss):
             results.update(status="failed", error=f"the int8 round trip's validation loss is {quant_loss}")

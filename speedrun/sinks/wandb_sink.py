@@ -67,6 +67,7 @@ class WandbSink(Sink):
         notes: str | None = None,
     ) -> None:
         self.run: Any = None
+        self._sample_rows: list[list] = []  # every sample logged so far (see _samples_table)
         if mode == "disabled":
             return
         # wandb logs its own traceback when init fails; the one warning below says the same in a line.
@@ -126,8 +127,20 @@ class WandbSink(Sink):
         return self.run is not None
 
     def log(self, record: dict) -> None:
-        if self.run is not None:
-            self.run.log(wandb_history_row(record))
+        if self.run is None:
+            return
+        row = wandb_history_row(record)
+        if "samples" in row:
+            row["samples"] = self._samples_table(record["step"], row["samples"])
+        self.run.log(row)
+
+    def _samples_table(self, step: int, samples: list[dict]):
+        """The trainer's samples as a wandb Table holding every sample so far, newest last: wandb shows
+        the latest logged table, so the history of the text stays in one view."""
+        import wandb
+
+        self._sample_rows += [[step, s["prompt"], s["temperature"], s["text"]] for s in samples]
+        return wandb.Table(columns=["step", "prompt", "temperature", "text"], data=self._sample_rows)
 
     def finish(self, summary: dict) -> None:
         if self.run is None:
