@@ -69,6 +69,7 @@ TRAINED_RUN = [
     "trainer.val_stride=32",
     "trainer.sample_every=20",
     "trainer.sample_tokens=8",
+    "trainer.checkpoint_every=20",
     "logger=wandb",
 ]
 
