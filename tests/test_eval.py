@@ -366,3 +366,20 @@ def test_val_seq_len_and_stride_reach_the_evaluation_and_a_bad_stride_is_one_lin
     errors = [line for line in (bad.stdout + bad.stderr).splitlines() if line.startswith("error:")]
     assert bad.returncode != 0 and len(errors) == 1
     assert "trainer.val_stride=65" in errors[0] and "Traceback" not in bad.stdout + bad.stderr
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_sliding_windows_on_cuda_with_a_compiled_model_agree_with_the_cpu(luts, val_tokens) -> None:
+    tokens = torch.from_numpy(val_tokens[: 40 * 64 + 1].astype(np.uint16))
+    torch.manual_seed(0)
+    model = GPT(vocab_size=VOCAB, num_layers=2, model_dim=32, num_heads=2, num_kv_heads=1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.2)
+    cpu = evaluate(model, tokens, luts, seq_len=64, stride=16, batch_tokens=8 * 64, device="cpu")
+    compiled = torch.compile(model.cuda(), dynamic=False, fullgraph=True)
+    cuda_luts = tuple(t.cuda() for t in luts)
+    gpu = evaluate(compiled, tokens, cuda_luts, seq_len=64, stride=16, batch_tokens=8 * 64, device="cuda")
+    assert gpu.tokens == cpu.tokens == 40 * 64
+    assert (gpu.loss, gpu.bpb) == pytest.approx((cpu.loss, cpu.bpb), rel=1e-3)

@@ -263,3 +263,20 @@ def test_the_console_script_speedrun_sample_is_this_cli() -> None:
     assert declared, "pyproject.toml [project.scripts] declares no speedrun-sample"
     module, function = declared.groups()
     assert getattr(importlib.import_module(module), function) is sample_main
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_the_cache_under_bf16_autocast_on_cuda_matches_the_whole_sequence() -> None:
+    model = random_gpt().cuda()
+    cast_for_mixed_precision(model)
+    ids = torch.randint(0, 96, (1, 64), device="cuda")
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        whole = model.logits(ids).float()
+        cache = model.new_kv_cache(64)
+        pieces = [model.logits(ids[:, :32], kv_cache=cache)]
+        pieces += [model.logits(ids[:, i : i + 1], kv_cache=cache) for i in range(32, 64)]
+        stepped = torch.cat(pieces, dim=1).float()
+        generated = generate(model, ids[0, :4].tolist(), 32)
+    assert (stepped - whole).abs().max() < 0.05 * whole.abs().max()
+    assert len(generated) == 32 and all(0 <= t < 96 for t in generated)
