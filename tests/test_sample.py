@@ -17,6 +17,7 @@ import torch
 
 from speedrun.generate import generate, pick_token
 from speedrun.models import GPT
+from speedrun.models.nanochat import NanochatGPT
 from speedrun.models.protocol import cast_for_mixed_precision
 from speedrun.sample import main as sample_main
 from speedrun.samples import build_sampler, prompt_ids
@@ -129,8 +130,14 @@ def test_samples_are_skipped_with_one_note_when_the_run_cannot_sample(
     with caplog.at_level(logging.INFO, logger="speedrun"):
         assert build_sampler(random_gpt(), None, PROMPTS, 8, 0.8, seed=0) is None
         assert build_sampler(NoLogits(), tokenizer, PROMPTS, 8, 0.8, seed=0) is None
-    notes = [r.getMessage() for r in caplog.records]
-    assert len(notes) == 2 and "no tokenizer" in notes[0] and "no logits()" in notes[1]
+        assert build_sampler(random_gpt(), tokenizer, PROMPTS, 8, 0.8, seed=0) is not None  # nothing to say
+        # A model without a cache samples by recomputing the sequence, and says so once.
+        nanochat = NanochatGPT(vocab_size=1024, depth=2, aspect_ratio=16, head_dim=16, sequence_len=32)
+        sampler = build_sampler(nanochat, tokenizer, PROMPTS[:1], 4, 0.8, seed=0)
+    notes = [r.getMessage() for r in caplog.records if r.getMessage().startswith("samples:")]
+    assert len(notes) == 3 and "no tokenizer" in notes[0] and "no logits()" in notes[1]
+    assert "NanochatGPT has no key/value cache" in notes[2]
+    assert [row["temperature"] for row in sampler.samples()] == [0.0, 0.8]
     assert prompt_ids(tokenizer, "x = 1")[0] == tokenizer.document_start_id  # a prompt opens a document
 
 
