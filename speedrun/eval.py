@@ -70,7 +70,10 @@ def sliding_windows(num_targets: int, seq_len: int, stride: int) -> tuple[torch.
     if not 1 <= stride <= seq_len:
         raise ValueError(f"stride={stride} must be between 1 and seq_len={seq_len}")
     if seq_len > num_targets:
-        raise ValueError(f"windows of {seq_len} tokens do not fit in {num_targets} validation targets")
+        raise ValueError(
+            f"windows of {seq_len} tokens do not fit in {num_targets} validation targets; "
+            "lower trainer.val_seq_len or raise data.val_tokens"
+        )
     starts = torch.arange(0, num_targets - seq_len + 1, stride, dtype=torch.int64)
     first_scored = torch.full_like(starts, seq_len - stride)
     first_scored[0] = 0
@@ -155,7 +158,8 @@ def _score_windows(
     if len(starts) * seq_len + 1 == span.numel():  # back-to-back windows: the span is the batch
         windows = span[:-1].reshape(-1, seq_len), span[1:].reshape(-1, seq_len)
     else:
-        index = (starts - first_start).to(device)[:, None] + torch.arange(seq_len + 1, device=device)
+        offsets = (starts - first_start).to(device, non_blocking=True)
+        index = offsets[:, None] + torch.arange(seq_len + 1, device=device)
         gathered = span[index]
         windows = gathered[:, :-1], gathered[:, 1:]
     x, y = windows

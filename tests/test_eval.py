@@ -220,7 +220,7 @@ def test_windows_refuse_a_stride_or_length_that_cannot_work() -> None:
         sliding_windows(100, 32, 0)
     with pytest.raises(ValueError, match="stride=33"):
         sliding_windows(100, 32, 33)
-    with pytest.raises(ValueError, match="do not fit in 20 validation targets"):
+    with pytest.raises(ValueError, match="do not fit in 20 validation targets; lower trainer.val_seq_len"):
         sliding_windows(20, 32, 32)
 
 
@@ -365,10 +365,11 @@ def test_evaluation_and_samples_leave_training_alone_and_a_bad_stride_is_one_lin
     # ... of the same training, step for step: neither the windows nor the samples change what is learnt.
     losses = [(r["step"], r["train/loss"]) for r in read_metrics(tmp_path / "run") if "train/loss" in r]
     assert losses == [(r["step"], r["train/loss"]) for r in read_metrics(trained_run) if "train/loss" in r]
-    bad = run_train(tmp_path / "bad", "trainer.val_stride=65", check=False)
-    errors = [line for line in (bad.stdout + bad.stderr).splitlines() if line.startswith("error:")]
-    assert bad.returncode != 0 and len(errors) == 1
-    assert "trainer.val_stride=65" in errors[0] and "Traceback" not in bad.stdout + bad.stderr
+    for bad_value in ("trainer.val_stride=65", "trainer.val_seq_len=8200"):
+        bad = run_train(tmp_path / "bad", bad_value, check=False)
+        errors = [line for line in (bad.stdout + bad.stderr).splitlines() if line.startswith("error:")]
+        assert bad.returncode != 0 and len(errors) == 1
+        assert bad_value in errors[0] and "Traceback" not in bad.stdout + bad.stderr
 
 
 @pytest.mark.gpu

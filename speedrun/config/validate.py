@@ -212,6 +212,13 @@ def validate_config(cfg: DictConfig, world_size: int = 1) -> None:
         _check_numbers(values.get(group), group)
     _check_shapes(cfg, world_size)
     _check_trainer(cfg.trainer, cfg.data.seq_len, world_size)
+    val_tokens = cfg.data.get("val_tokens") or 0  # 0: the whole split, whose length only the data knows
+    val_targets = val_tokens // cfg.data.seq_len * cfg.data.seq_len  # cut to whole training sequences
+    _require(
+        val_tokens == 0 or cfg.trainer.val_seq_len <= val_targets,
+        f"trainer.val_seq_len={cfg.trainer.val_seq_len} is longer than the {val_targets} validation targets "
+        f"data.val_tokens={val_tokens} leaves; lower it or raise data.val_tokens",
+    )
     if cfg.logger is not None and "mode" in cfg.logger:
         _require(
             cfg.logger.mode in ("offline", "online", "disabled"),
