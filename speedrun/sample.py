@@ -80,7 +80,7 @@ def newest_checkpoint(run_dir: Path) -> tuple[dict, Path]:
     manager = CheckpointManager(run_dir / "checkpoints")
     for path in manager.paths():
         try:
-            return load_checkpoint(path), path
+            return load_checkpoint(path, mmap=True), path  # mmap: the optimizer's tensors are never read
         except CheckpointError as exc:
             print(f"warning: {exc}; trying the previous checkpoint", file=sys.stderr)
     raise SampleError(
