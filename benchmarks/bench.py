@@ -6,6 +6,8 @@ Every figure is measured in one run, side by side where there is a comparison:
 - data: tokens per second one rank's loader delivers (the reference's per-rank batch), and the
   peak memory and speed of `speedrun.prepare` on a 100 MB JSON-lines corpus and on one 30 MB document;
 - eval: tokens per second of `speedrun.eval.evaluate`;
+- sample: tokens per second of `speedrun.generate.generate` with the model's key/value cache and
+  recomputing the whole sequence for every token, one after the other on the same model and prompt;
 - cli: `--cfg job` latency and the time from process start to the first training record;
 - gpu: tokens/s and MFU with all speed features, then with each one switched off (CUDA only);
 - export: one trained model stored in every artifact variant (int8 / int6 x zlib, lzma, zstd,
@@ -50,6 +52,7 @@ from speedrun.distributed import DistContext
 from speedrun.eval import evaluate
 from speedrun.export import FORMATS, ArtifactFormat, load_artifact
 from speedrun.flops import mfu
+from speedrun.generate import generate
 from speedrun.models.protocol import (
     cast_for_mixed_precision,
     flops_per_token,
@@ -61,7 +64,7 @@ from speedrun.schedules import WSD
 from speedrun.sinks import MultiSink
 from speedrun.trainer import RunPlan, Trainer
 
-SECTIONS = ("trainer", "data", "eval", "cli", "gpu", "export")
+SECTIONS = ("trainer", "data", "eval", "sample", "cli", "gpu", "export")
 SPEED_FEATURES = ("compile", "bf16_autocast", "fused_adam", "flash_sdpa")
 
 
@@ -89,6 +92,8 @@ class Sizes:
     export_keep_float: (
         int  # export.keep_float_max_numel: small enough that the model's matrices are quantised
     )
+    sample_model: str  # the model generation is timed on (random weights: the speed does not depend on them)
+    sample_tokens: int  # generated after a one-token prompt
 
 
 # The reference's per-rank batch: 524,288 tokens over 8 ranks, 64 sequences of 1024.
@@ -98,20 +103,22 @@ REFERENCE_LOADER = dict(loader_seq_len=1024, loader_tokens=65536)
 CPU_SIZES = Sizes(
     model="gpt_tiny", seq_len=128, batch_tokens=2048, steps=40, skip=3, min_runs=2, trainer_seconds=90,
     val_tokens=32768, eval_batch_tokens=4096, loader_seconds=2.0, prepare_mb=100, prepare_document_mb=30,
-    cli_repeats=5, export_model="gpt", export_steps=150, export_keep_float=4096, **REFERENCE_LOADER,
+    cli_repeats=5, export_model="gpt", export_steps=150, export_keep_float=4096, sample_model="pg_9x512",
+    sample_tokens=256, **REFERENCE_LOADER,
 )  # fmt: skip
 # parameter-golf's baseline model and per-rank batch.
 CUDA_SIZES = Sizes(
     model="pg_9x512", seq_len=1024, batch_tokens=65536, steps=40, skip=10, min_runs=3, trainer_seconds=60,
     val_tokens=1048576, eval_batch_tokens=65536, loader_seconds=2.0, prepare_mb=100, prepare_document_mb=30,
-    cli_repeats=5, export_model="pg_9x512", export_steps=300, export_keep_float=65536, **REFERENCE_LOADER,
+    cli_repeats=5, export_model="pg_9x512", export_steps=300, export_keep_float=65536, sample_model="pg_9x512",
+    sample_tokens=256, **REFERENCE_LOADER,
 )  # fmt: skip
 # Plumbing only (tests): seconds in all, numbers meaningless.
 TINY_SIZES = Sizes(
     model="gpt_tiny", seq_len=64, batch_tokens=256, steps=4, skip=1, min_runs=2, trainer_seconds=0,
     val_tokens=1024, eval_batch_tokens=512, loader_seq_len=64, loader_tokens=4096, loader_seconds=0.1,
     prepare_mb=2, prepare_document_mb=1, cli_repeats=1, export_model="gpt_tiny", export_steps=2,
-    export_keep_float=1024,
+    export_keep_float=1024, sample_model="gpt_tiny", sample_tokens=8,
 )  # fmt: skip
 
 
@@ -552,6 +559,40 @@ def bench_export(sizes: Sizes, device: torch.device, workdir: Path) -> list[Resu
     return results
 
 
+def bench_sample(sizes: Sizes, device: torch.device) -> list[Result]:
+    """Generation speed with the key/value cache and without it, side by side: the same model, prompt and
+    number of tokens, greedy, so both must write the same tokens (checked)."""
+    progress("sampling with and without the key/value cache")
+    torch.manual_seed(0)
+    model = instantiate(compose([f"model={sizes.sample_model}"]).model).to(device)
+    with torch.no_grad():
+        for p in model.parameters():  # no zero-initialised projections: every layer takes part
+            p.normal_(0.0, 0.02)
+    generate(model, [1], 4)  # warm caches and kernels, untimed
+    tokens, seconds = {}, {}
+    for use_cache in (True, False):
+        synchronize(device)
+        start = time.perf_counter()
+        tokens[use_cache] = generate(model, [1], sizes.sample_tokens, use_cache=use_cache)
+        synchronize(device)
+        seconds[use_cache] = time.perf_counter() - start
+    same = tokens[True] == tokens[False]
+    rate = {use_cache: sizes.sample_tokens / seconds[use_cache] for use_cache in (True, False)}
+    what = f"{sizes.sample_tokens} tokens from {sizes.sample_model}, batch 1, greedy"
+    return [
+        Result(
+            "sampling tokens/s, KV cache", rate[True] if same else None, "tok/s",
+            note=f"{what}; {rate[True] / rate[False]:.1f}x recomputing"
+            + ("" if same else "; FAILED: the two wrote different tokens"),
+            details={"seconds": seconds[True], "same_tokens_as_recomputing": same},
+        ),
+        Result(
+            "sampling tokens/s, recomputing the sequence", rate[False], "tok/s", note=what,
+            details={"seconds": seconds[False]},
+        ),
+    ]  # fmt: skip
+
+
 # --------------------------------------------------------------------------- command line
 
 
@@ -829,6 +870,8 @@ def main(argv: list[str] | None = None) -> int:
                 )
             elif section == "eval":
                 results += bench_eval(sizes, device)
+            elif section == "sample":
+                results += bench_sample(sizes, device)
             elif section == "cli":
                 results += bench_cli(sizes, workdir, args.threads if device.type == "cpu" else None)
             elif section == "gpu":

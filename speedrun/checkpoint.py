@@ -49,6 +49,10 @@ RESUMABLE_CHANGES = (
     "trainer.target_value",
     "trainer.target_margin",
     "trainer.target_val_every",
+    "trainer.sample_every",
+    "trainer.sample_tokens",
+    "trainer.sample_temperature",
+    "trainer.sample_prompts",
     "logger.",
     # The track a run is checked against, and the format it exports at the end, change no step.
     "rules",

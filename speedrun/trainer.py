@@ -28,10 +28,11 @@ from speedrun import distributed as dist_utils
 from speedrun.checkpoint import CheckpointManager, load_checkpoint, rng_state, set_rng_state
 from speedrun.config.schema import TrainerConfig
 from speedrun.distributed import DistContext
-from speedrun.eval import evaluate
+from speedrun.eval import Evaluation, evaluate
 from speedrun.export import ArtifactFormat, load_artifact
 from speedrun.flops import mfu
 from speedrun.models.protocol import parameter_counts, parameter_roles, set_progress
+from speedrun.samples import build_sampler, sample_log_lines
 from speedrun.signals import StopRequest
 
 log = logging.getLogger("speedrun")
@@ -123,8 +124,8 @@ class Trainer:
         self.clock = TrainingClock(self.device)
         self.records_logged = 0
         self.min_val_bpb = math.inf
-        self.last_val: tuple[float, float | None] | None = None
-        self.last_val_ms = 0.0  # wallclock of the latest validation
+        self.last_val: Evaluation | None = None
+        self.sampler = None  # rank 0's, when trainer.sample_every is on (set up in fit)
         self.checkpointed_step = -1  # the step of the newest checkpoint on disk, so none is written twice
 
     # ------------------------------------------------------------------ set-up
@@ -200,30 +201,40 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         loader.load_state_dict(initial_loader)
 
-    def _evaluate(self, eval_model: nn.Module, val_tokens, luts) -> tuple[float, float | None]:
+    def _evaluate(self, eval_model: nn.Module, val_tokens, luts) -> Evaluation:
+        """Windows of trainer.val_seq_len (0: data.seq_len) advancing by trainer.val_stride (0: no overlap)."""
         self._tell_progress(self.step, self.clock.elapsed_ms())
+        seq_len = self.settings.val_seq_len or self.plan.seq_len
         per_rank_batch = self.settings.val_batch_tokens // (self.ctx.world_size * self.plan.grad_accum_steps)
-        per_rank_batch = max(per_rank_batch // self.plan.seq_len, 1) * self.plan.seq_len
+        per_rank_batch = max(per_rank_batch // seq_len, 1) * seq_len
         return evaluate(
-            eval_model, val_tokens, luts, seq_len=self.plan.seq_len, batch_tokens=per_rank_batch,
-            rank=self.ctx.rank, world_size=self.ctx.world_size, device=self.device,
-            autocast_dtype=self.plan.autocast_dtype,
+            eval_model, val_tokens, luts, seq_len=seq_len, stride=self.settings.val_stride or seq_len,
+            batch_tokens=per_rank_batch, rank=self.ctx.rank, world_size=self.ctx.world_size,
+            device=self.device, autocast_dtype=self.plan.autocast_dtype,
         )  # fmt: skip
 
-    def _timed_evaluate(self, eval_model: nn.Module, val_tokens, luts) -> tuple[float, float | None, float]:
-        """(val_loss, val_bpb, wallclock ms), the device synchronised at both ends (the tracks' eval time)."""
-        synchronize(self.device)
-        started = time.perf_counter()
-        val_loss, val_bpb = self._evaluate(eval_model, val_tokens, luts)
-        synchronize(self.device)
-        return val_loss, val_bpb, 1000.0 * (time.perf_counter() - started)
-
     def _validate(self, eval_model: nn.Module, val_tokens, luts) -> None:
-        val_loss, val_bpb, self.last_val_ms = self._timed_evaluate(eval_model, val_tokens, luts)
-        self.last_val = (val_loss, val_bpb)
-        if val_bpb is not None:
-            self.min_val_bpb = min(self.min_val_bpb, val_bpb)
-        self._record({"val/loss": val_loss, "val/bpb": val_bpb})
+        self.last_val = result = self._evaluate(eval_model, val_tokens, luts)
+        if result.bpb is not None:
+            self.min_val_bpb = min(self.min_val_bpb, result.bpb)
+        self._record(
+            {"val/loss": result.loss, "val/bpb": result.bpb, "val/time_ms": round(result.time_ms, 3)}
+        )
+
+    def _samples_due(self) -> bool:
+        every = self.settings.sample_every
+        return every > 0 and self.step > 0 and self.step % every == 0
+
+    def _write_samples(self) -> None:
+        """Rank 0 writes the samples (log, metrics.jsonl, wandb); the other ranks wait, their clocks
+        paused as rank 0's is, so that every rank counts the same training time."""
+        if self.sampler is not None:
+            with self._autocast():
+                rows = self.sampler.samples()
+            for line in sample_log_lines(self.step, rows):
+                log.info(line)
+            self._record({"samples": rows})
+        dist_utils.barrier(self.ctx)
 
     # ------------------------------------------------------------------ logging
 
@@ -314,6 +325,10 @@ class Trainer:
         luts = self.data.byte_luts(self.device)
         loader = self.data.train_loader(self.ctx.rank, self.ctx.world_size, self.device)
         self.model.train()
+        if self.settings.sample_every > 0 and self.ctx.is_main:
+            s = self.settings
+            self.sampler = build_sampler(self.model, self.data.tokenizer(), s.sample_prompts, s.sample_tokens,
+                                         s.sample_temperature, seed=int(self.config.get("seed", 0)))  # fmt: skip
         if self.settings.warmup_steps:
             self._warmup(train_model, loader)
         self._resume(loader)
@@ -349,6 +364,8 @@ class Trainer:
                 clock.pause()
                 self._save_checkpoint(loader)
                 self._validate(eval_model, val_tokens, luts)
+                if self.settings.sample_every > 0:
+                    self._write_samples()
                 return watch.outcome
             if self._validation_due():
                 clock.pause()
@@ -356,6 +373,10 @@ class Trainer:
                 if self._target_reached():
                     self._save_checkpoint(loader)
                     return {**watch.outcome, "stopped_at_target": True}
+                clock.start()
+            if self._samples_due():
+                clock.pause()
+                self._write_samples()
                 clock.start()
             train_loss = self._train_step(train_model, loader, self.step, clock.elapsed_ms())
             self.step += 1
@@ -391,7 +412,7 @@ class Trainer:
         """The latest validation's value of trainer.target_metric (val_loss or val_bpb)."""
         if self.last_val is None:
             return None
-        return self.last_val[0] if self.settings.target_metric == "val_loss" else self.last_val[1]
+        return self.last_val.loss if self.settings.target_metric == "val_loss" else self.last_val.bpb
 
     def _target_reached(self) -> bool:
         """stop_at_target is on and the latest validation reached the target (all ranks agree: the
@@ -494,8 +515,8 @@ class Trainer:
         tok_per_sec = tokens_seen / (train_time_ms / 1000.0) if train_time_ms > 0 else None
         summary = {
             **outcome,
-            "val_loss": self.last_val[0] if self.last_val else None,
-            "val_bpb": self.last_val[1] if self.last_val else None,
+            "val_loss": self.last_val.loss if self.last_val else None,
+            "val_bpb": self.last_val.bpb if self.last_val else None,
             "min_val_bpb": self.min_val_bpb if math.isfinite(self.min_val_bpb) else None,
             "params": sum(p.numel() for p in self.model.parameters()),
             "params_by_role": {k: v for k, v in parameter_counts(self.model).items() if k != "total"},
@@ -507,9 +528,9 @@ class Trainer:
             "mfu": self._mfu(tok_per_sec) if tok_per_sec else None,
             "peak_mem_mib": peak_memory_mib(self.device),
             "world_size": self.ctx.world_size,
-            # The final validation's wall time (the artifact's round trip: quant_eval_time_ms).
-            "eval_time_ms": round(self.last_val_ms, 3) if self.last_val else None,
-            "val_tokens_scored": (val_tokens.numel() - 1) // self.plan.seq_len * self.plan.seq_len,
+            # The final validation: its wall time (the tracks' evaluation-time limit) and what it scored.
+            "eval_time_ms": round(self.last_val.time_ms, 3) if self.last_val else None,
+            "val_tokens_scored": self.last_val.tokens if self.last_val else None,
         }
         if outcome["status"] == "completed" and not math.isfinite(summary["val_loss"] or math.nan):
             summary.update(status="diverged", error=f"the final validation loss is {summary['val_loss']}; "
@@ -542,15 +563,17 @@ class Trainer:
         if self._stop_requested():
             return {}
         synchronize(self.device)
-        started = time.perf_counter()
+        started = time.perf_counter()  # the round trip's time: reading the artifact back, then evaluating
         self.model.load_state_dict(load_artifact(path), strict=True)
-        quant_loss, quant_bpb = self._evaluate(eval_model, val_tokens, luts)
+        quant = self._evaluate(eval_model, val_tokens, luts)
         synchronize(self.device)
-        eval_ms = 1000.0 * (time.perf_counter() - started)  # reading the artifact back, then evaluating
+        quant_eval_time_ms = 1000.0 * (time.perf_counter() - started)
+        quant_loss, quant_bpb = quant.loss, quant.bpb
         sizes = (
             {f"export/{k}": payload[k] for k in ("raw_bytes", "compressed_bytes", "ratio")} if payload else {}
         )
-        self._record({"quant/val_loss": quant_loss, "quant/val_bpb": quant_bpb, **sizes})
+        self._record({"quant/val_loss": quant_loss, "quant/val_bpb": quant_bpb,
+                      "quant/time_ms": round(quant_eval_time_ms, 3), **sizes})  # fmt: skip
         model_bytes = path.stat().st_size
         code = artifact.code_bytes(self.config)
         bpb_text = "n/a" if quant_bpb is None else f"{quant_bpb:.8f}"
@@ -573,7 +596,7 @@ class Trainer:
             "code_bytes": code,
             "artifact_bytes": model_bytes + code,
             "code_files": [str(f) for f in artifact.code_files] or None,
-            "quant_eval_time_ms": round(eval_ms, 3),
+            "quant_eval_time_ms": round(quant_eval_time_ms, 3),
             "export": payload,
         }
         if not math.isfinite(quant_loss):

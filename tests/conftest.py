@@ -60,3 +60,24 @@ def read_summary(run_dir: Path) -> dict:
 def corpus(stdlib_corpus_dir: Path) -> Path:
     """Build the embedded corpus before any CLI test, so no test pays for it under its timeout."""
     return stdlib_corpus_dir
+
+
+# The run `trained_run` makes: checkpoints, an artifact, samples and sliding-window validation (stride 32).
+TRAINED_RUN = [
+    "trainer.max_steps=40",
+    "trainer.val_every=20",
+    "trainer.val_stride=32",
+    "trainer.sample_every=20",
+    "trainer.sample_tokens=8",
+    "trainer.checkpoint_every=20",
+    "logger=wandb",
+]
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory: pytest.TempPathFactory, corpus: Path) -> Path:
+    """A tiny GPT trained for 40 steps through the CLI (about 20 s), shared by the evaluation and sampling
+    tests: a model that has learnt something, its end checkpoint, its artifact and its samples."""
+    run_dir = tmp_path_factory.mktemp("trained") / "run"
+    run_train(run_dir, *TRAINED_RUN)
+    return run_dir

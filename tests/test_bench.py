@@ -48,6 +48,9 @@ def test_every_section_reports_a_row_in_the_table_and_the_json(tmp_path: Path, c
     for world_size in (1, 8):
         assert rows[f"loader tokens/s per rank (rank 0 of {world_size})"]["value"] > 0
     assert rows["evaluation tokens/s"]["value"] > 0
+    cached = rows["sampling tokens/s, KV cache"]
+    assert cached["value"] > 0 and cached["details"]["same_tokens_as_recomputing"]
+    assert rows["sampling tokens/s, recomputing the sequence"]["value"] > 0
     assert 0 < rows["--cfg job latency (median)"]["value"] < 60
     first_step = rows["time to first step"]
     assert first_step["status"] == "info", first_step["note"]

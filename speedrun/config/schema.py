@@ -339,6 +339,11 @@ class TrainerConfig:
     warmup_steps: int = 0
     val_every: int = 100
     val_batch_tokens: int = 65536
+    # Validation windows of val_seq_len tokens (0 = data.seq_len) that advance by val_stride (0 = the
+    # window: no overlap, the reference's). Each target is scored once, after at least
+    # val_seq_len - val_stride tokens of context; a smaller stride costs val_seq_len / val_stride the compute.
+    val_seq_len: int = 0
+    val_stride: int = 0
     log_every: int = 10
     # "auto" = every visible GPU, 1 on CPU; or an int.
     nproc_per_node: Any = "auto"
@@ -358,6 +363,14 @@ class TrainerConfig:
     max_loss: float = 0.0
     # Write the artifact (its format: the `export` group) and evaluate its round trip at the end.
     export: bool = True
+    # Every sample_every steps (0 = never) and at the end, rank 0 continues each prompt by sample_tokens
+    # tokens, greedily and at sample_temperature (seeded), into train.log, metrics.jsonl and wandb.
+    sample_every: int = 0
+    sample_tokens: int = 64
+    sample_temperature: float = 0.8
+    sample_prompts: list[str] = field(
+        default_factory=lambda: ["The capital of France is", "def fibonacci(n):", "Once upon a time,"]
+    )
     # End training once the validation metric (val_loss or val_bpb) reaches target_value; once it is
     # within target_margin of it, validate every target_val_every steps (0: only every val_every).
     stop_at_target: bool = False

@@ -119,6 +119,7 @@ DOMAINS: dict[str, Domain] = {
             "train_batch_tokens",
             "val_batch_tokens",
             "keep_checkpoints",
+            "sample_tokens",
         ),
         AT_LEAST_1,
     ),  # fmt: skip
@@ -141,6 +142,10 @@ DOMAINS: dict[str, Domain] = {
             "checkpoint_every",
             "checkpoint_every_seconds",
             "max_loss",
+            "val_seq_len",
+            "val_stride",
+            "sample_every",
+            "sample_temperature",
         ),
         AT_LEAST_0,
     ),  # fmt: skip
@@ -208,6 +213,13 @@ def validate_config(cfg: DictConfig, world_size: int = 1, require_all: bool = Tr
         _check_numbers(values, group)
     _check_shapes(cfg, world_size)
     _check_trainer(cfg.trainer, cfg.data.seq_len, world_size)
+    val_tokens = cfg.data.get("val_tokens") or 0  # 0: the whole split, whose length only the data knows
+    val_targets = val_tokens // cfg.data.seq_len * cfg.data.seq_len  # cut to whole training sequences
+    _require(
+        val_tokens == 0 or cfg.trainer.val_seq_len <= val_targets,
+        f"trainer.val_seq_len={cfg.trainer.val_seq_len} is longer than the {val_targets} validation targets "
+        f"data.val_tokens={val_tokens} leaves; lower it or raise data.val_tokens",
+    )
     if cfg.logger is not None and "mode" in cfg.logger:
         _require(
             cfg.logger.mode in ("offline", "online", "disabled"),
@@ -248,6 +260,12 @@ def _check_trainer(trainer: DictConfig, seq_len: int, world_size: int) -> None:
         trainer.val_batch_tokens >= seq_len * world_size,
         f"trainer.val_batch_tokens={trainer.val_batch_tokens} must hold at least one sequence per rank "
         f"({seq_len} x {world_size}); raise it",
+    )
+    val_seq_len = trainer.val_seq_len or seq_len
+    _require(
+        trainer.val_stride <= val_seq_len,
+        f"trainer.val_stride={trainer.val_stride} is longer than the validation window of {val_seq_len} "
+        "tokens (trainer.val_seq_len, or data.seq_len when 0); windows would skip tokens: lower it",
     )
     horizons = ("max_steps", "max_wallclock_seconds", "target_flops", "target_param_data_ratio")
     _require(

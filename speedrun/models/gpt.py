@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from speedrun.models.kv_cache import KVCache, LayerKV
+
 # Small per-channel "control" tensors, found by name (the default of `model.control_patterns`). With
 # the blocks' vectors they have the `scalar` role (speedrun/models/protocol.py): the scalar Adam group
 # rather than Muon, fp32 in mixed-precision training, and stored unquantized in the int8 export.
@@ -94,6 +96,16 @@ class Rotary(nn.Module):
             self.sin_cached = freqs.sin()[None, None, :, :]
         return self.cos_cached.to(dtype=dtype), self.sin_cached.to(dtype=dtype)
 
+    def at(self, start: int, length: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """The tables of positions start .. start+length-1 (generation), equal to those rows of
+        `forward`'s tables. Computed afresh rather than cached: the cached tables stay those of the
+        training length, so sampling never makes a compiled training step see a changed buffer."""
+        positions = torch.arange(
+            start, start + length, device=self.inv_freq.device, dtype=self.inv_freq.dtype
+        )
+        freqs = torch.outer(positions, self.inv_freq)
+        return freqs.cos()[None, None, :, :].to(dtype=dtype), freqs.sin()[None, None, :, :].to(dtype=dtype)
+
 
 def apply_rotary_emb(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     half = x.size(-1) // 2
@@ -130,7 +142,8 @@ class CausalSelfAttention(nn.Module):
         )
         self.rotary = Rotary(self.head_dim, base=rope_base)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, kv: LayerKV | None = None) -> Tensor:
+        """Causal attention over x; with `kv`, x holds new positions that also attend to the cached ones."""
         bsz, seqlen, dim = x.shape
         q = self.c_q(x).reshape(bsz, seqlen, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.c_k(x).reshape(bsz, seqlen, self.num_kv_heads, self.head_dim).transpose(1, 2)
@@ -138,16 +151,37 @@ class CausalSelfAttention(nn.Module):
         if self.qk_norm:
             q = F.rms_norm(q, (q.size(-1),))
             k = F.rms_norm(k, (k.size(-1),))
-        cos, sin = self.rotary(seqlen, q.dtype)
+        cos, sin = (
+            self.rotary(seqlen, q.dtype) if kv is None else self.rotary.at(kv.position, seqlen, q.dtype)
+        )
         q = apply_rotary_emb(q, cos, sin)
         k = apply_rotary_emb(k, cos, sin)
         if self.q_gain is not None:
             q = q * self.q_gain.to(dtype=q.dtype)[None, :, None, None]
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=None, is_causal=True, enable_gqa=self.num_kv_heads != self.num_heads
-        )
+        if kv is None:
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=None, is_causal=True, enable_gqa=self.num_kv_heads != self.num_heads
+            )
+        else:
+            y = self._attend_with_cache(q, k, v, kv)
         y = y.transpose(1, 2).contiguous().reshape(bsz, seqlen, dim)
         return self.proj(y)
+
+    def _attend_with_cache(self, q: Tensor, k: Tensor, v: Tensor, kv: LayerKV) -> Tensor:
+        """Attention of the new positions' queries over the cached keys and values plus their own."""
+        start = kv.position
+        k, v = kv.update(k, v)
+        if start == 0:  # nothing cached before: plain causal attention (the prompt)
+            mask, causal = None, True
+        elif q.size(2) == 1:  # one new token sees every position
+            mask, causal = None, False
+        else:  # several new tokens after cached ones: causal, offset by what the cache holds
+            key_positions = torch.arange(k.size(2), device=q.device)
+            query_positions = torch.arange(start, start + q.size(2), device=q.device)
+            mask, causal = key_positions[None, :] <= query_positions[:, None], False
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=self.num_kv_heads != self.num_heads
+        )
 
 
 def swiglu_hidden_size(dim: int, mlp_mult: int) -> int:
@@ -209,11 +243,11 @@ class Block(nn.Module):
             nn.Parameter(torch.stack((torch.ones(dim), torch.zeros(dim))).float()) if x0_mix else None
         )
 
-    def forward(self, x: Tensor, x0: Tensor) -> Tensor:
+    def forward(self, x: Tensor, x0: Tensor, kv: LayerKV | None = None) -> Tensor:
         if self.resid_mix is not None:
             mix = self.resid_mix.to(dtype=x.dtype)
             x = mix[0][None, None, :] * x + mix[1][None, None, :] * x0
-        attn_out = self.attn(self.attn_norm(x))
+        attn_out = self.attn(self.attn_norm(x), kv)
         x = x + self.attn_scale.to(dtype=x.dtype)[None, None, :] * attn_out
         x = x + self.mlp_scale.to(dtype=x.dtype)[None, None, :] * self.mlp(self.mlp_norm(x))
         return x
@@ -286,8 +320,13 @@ class GPT(nn.Module):
             if isinstance(module, nn.Linear) and getattr(module, "_zero_init", False):
                 nn.init.zeros_(module.weight)
 
-    def logits(self, input_ids: Tensor) -> Tensor:
-        """Logits, soft-capped unless logit_softcap is 0, shape (batch, seq, vocab)."""
+    def logits(self, input_ids: Tensor, kv_cache: KVCache | None = None) -> Tensor:
+        """Logits, soft-capped unless logit_softcap is 0, shape (batch, seq, vocab).
+
+        With `kv_cache` (from `new_kv_cache`), input_ids continue the positions the cache holds and are
+        added to it (speedrun/models/protocol.py). Every other operation acts on each position alone
+        (norms, MLPs, mixes, skips, head), so only attention needs the cache.
+        """
         x = self.tok_emb(input_ids)
         x = F.rms_norm(x, (x.size(-1),))
         x0 = x
@@ -295,13 +334,16 @@ class GPT(nn.Module):
         # First half stores skips; second half reuses them in reverse order. Without U-net skips nothing
         # is stored, and this is a plain residual stack.
         for i in range(self.num_encoder_layers):
-            x = self.blocks[i](x, x0)
+            x = self.blocks[i](x, x0, None if kv_cache is None else kv_cache.layer(i))
             if self.skip_weights is not None:
                 skips.append(x)
         for i in range(self.num_decoder_layers):
             if skips:
                 x = x + self.skip_weights[i].to(dtype=x.dtype)[None, None, :] * skips.pop()
-            x = self.blocks[self.num_encoder_layers + i](x, x0)
+            layer = self.num_encoder_layers + i
+            x = self.blocks[layer](x, x0, None if kv_cache is None else kv_cache.layer(layer))
+        if kv_cache is not None:
+            kv_cache.advance(input_ids.size(1))
         bsz, seqlen, dim = x.shape
         x = self.final_norm(x).reshape(-1, dim)
         if self.lm_head is None:
@@ -318,6 +360,10 @@ class GPT(nn.Module):
         return F.cross_entropy(
             logits.reshape(-1, logits.size(-1)).float(), target_ids.reshape(-1), reduction="mean"
         )
+
+    def new_kv_cache(self, max_len: int) -> KVCache:
+        """An empty key/value cache for generating up to `max_len` positions (prompt included)."""
+        return KVCache(self.num_layers, max_len)
 
     def parameter_roles(self) -> dict[str, str]:
         """The reference's optimizer split (see speedrun/models/protocol.py), in its order: the token

@@ -20,6 +20,18 @@ cross-entropy (a scalar). A model may also define, and speedrun then uses:
   max_steps, or training time / the wallclock cap, whichever is further along), told before every
   training step and every evaluation; for models that change with training (modded-nanogpt's
   attention windows grow). Without it: nothing is told.
+- `logits(input_ids) -> Tensor`: the next-token logits at every position, (batch, seq, vocab), as
+  `forward` computes them before its loss. Sampling (`speedrun.generate`) needs it; without it a model
+  trains and evaluates but cannot be sampled from (the trainer's samples are skipped with one note).
+- `new_kv_cache(max_len) -> cache`: an empty key/value cache of `max_len` positions for generation (see
+  `speedrun/models/kv_cache.py`). A model that has it also accepts `logits(input_ids, kv_cache=cache)`:
+  input_ids are then the continuation of the positions the cache holds; their keys and values are added
+  to it and only their logits are computed, so each generated token costs one position's work. Without
+  it generation recomputes the whole sequence for every token (same tokens, slower).
+
+Targets equal to `IGNORE_INDEX` (-100, `F.cross_entropy`'s default `ignore_index`) are not scored: the
+mean `forward` returns is over the other targets. Sliding-window evaluation (speedrun/eval.py) marks the
+targets a window does not score that way, so a model's loss must honour it (every shipped model's does).
 
 No other module names a model's attributes: optimizers, export and the trainer go through the
 functions below.
@@ -30,6 +42,8 @@ from __future__ import annotations
 from torch import nn
 
 ROLES = ("embed", "head", "matrix", "scalar")
+# Targets with this id are left out of the loss (torch's default ignore_index for cross_entropy).
+IGNORE_INDEX = -100
 
 
 def default_roles(model: nn.Module) -> dict[str, str]:
@@ -119,3 +133,19 @@ def set_progress(model: nn.Module, fraction: float) -> None:
     declared = getattr(model, "set_progress", None)
     if callable(declared):
         declared(fraction)
+
+
+def can_generate(model: nn.Module) -> bool:
+    """Whether the model computes logits, which sampling needs."""
+    return callable(getattr(model, "logits", None))
+
+
+def has_kv_cache(model: nn.Module) -> bool:
+    """Whether the model keeps a key/value cache for generation (else each token recomputes the sequence)."""
+    return callable(getattr(model, "new_kv_cache", None))
+
+
+def new_kv_cache(model: nn.Module, max_len: int) -> object | None:
+    """An empty key/value cache for `max_len` positions, or None when the model has no cache."""
+    declared = getattr(model, "new_kv_cache", None)
+    return declared(max_len) if callable(declared) else None

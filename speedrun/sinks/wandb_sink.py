@@ -75,6 +75,7 @@ class WandbSink(Sink):
         # Every history row logged, so that the run can be written again if wandb's service dies.
         self._rows: list[dict] = []
         self._service_lost = False
+        self._sample_rows: list[list] = []  # every sample logged so far (see _samples_table)
         if mode == "disabled":
             return
         # A resumed run continues the wandb run its folder already holds (same id; wandb files it as a
@@ -135,6 +136,8 @@ class WandbSink(Sink):
         if self.run is None:
             return
         row = wandb_history_row(record)
+        if "samples" in row:
+            row["samples"] = self._samples_table(record["step"], row["samples"])
         self._rows.append(row)
         if self._service_lost:
             return
@@ -142,6 +145,14 @@ class WandbSink(Sink):
             self.run.log(row)
         except Exception:  # noqa: BLE001 - the service is gone (a signal); finish() writes the run again
             self._service_lost = True
+
+    def _samples_table(self, step: int, samples: list[dict]):
+        """The trainer's samples as a wandb Table holding every sample so far, newest last: wandb shows
+        the latest logged table, so the history of the text stays in one view."""
+        import wandb
+
+        self._sample_rows += [[step, s["prompt"], s["temperature"], s["text"]] for s in samples]
+        return wandb.Table(columns=["step", "prompt", "temperature", "text"], data=self._sample_rows)
 
     def finish(self, summary: dict) -> None:
         if self.run is None:
