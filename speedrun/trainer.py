@@ -359,25 +359,10 @@ class Trainer:
         clock.start()
         while True:
             if watch.stopping or (plan.max_steps is not None and self.step >= plan.max_steps):
-                # The end checkpoint precedes the final validation, so resuming a finished run
-                # repeats only that validation and the export, and rewrites the same files.
-                clock.pause()
-                self._save_checkpoint(loader)
-                self._validate(eval_model, val_tokens, luts)
-                if self.settings.sample_every > 0:
-                    self._write_samples()
+                self._end_of_training(eval_model, loader, val_tokens, luts)
                 return watch.outcome
-            if self._validation_due():
-                clock.pause()
-                self._validate(eval_model, val_tokens, luts)
-                if self._target_reached():
-                    self._save_checkpoint(loader)
-                    return {**watch.outcome, "stopped_at_target": True}
-                clock.start()
-            if self._samples_due():
-                clock.pause()
-                self._write_samples()
-                clock.start()
+            if self._evaluate_between_steps(eval_model, loader, val_tokens, luts):
+                return {**watch.outcome, "stopped_at_target": True}
             train_loss = self._train_step(train_model, loader, self.step, clock.elapsed_ms())
             self.step += 1
             elapsed_ms = clock.elapsed_ms()
@@ -407,6 +392,31 @@ class Trainer:
             if cap_reached and not watch.stopping:
                 watch.stopping = True
                 log.info("stopping_early: wallclock_cap train_time:%.0fms step:%d", elapsed_ms, self.step)
+
+    def _end_of_training(self, eval_model, loader, val_tokens, luts) -> None:
+        """The end checkpoint precedes the final validation, so resuming a finished run repeats only
+        that validation and the export, and rewrites the same files."""
+        self.clock.pause()
+        self._save_checkpoint(loader)
+        self._validate(eval_model, val_tokens, luts)
+        if self.settings.sample_every > 0:
+            self._write_samples()
+
+    def _evaluate_between_steps(self, eval_model, loader, val_tokens, luts) -> bool:
+        """The validation and samples due at this step, off the training clock; True when the validation
+        reached trainer.target_value (stop_at_target: the checkpoint is then written and training ends)."""
+        if self._validation_due():
+            self.clock.pause()
+            self._validate(eval_model, val_tokens, luts)
+            if self._target_reached():
+                self._save_checkpoint(loader)
+                return True
+            self.clock.start()
+        if self._samples_due():
+            self.clock.pause()
+            self._write_samples()
+            self.clock.start()
+        return False
 
     def _target_metric(self) -> float | None:
         """The latest validation's value of trainer.target_metric (val_loss or val_bpb)."""

@@ -87,5 +87,5 @@ def test_a_target_that_cannot_work_is_refused(overrides, message):
 def test_the_refusal_is_one_line_on_the_command_line(tmp_path):
     proc = run_train(tmp_path / "run", "trainer.stop_at_target=true", check=False)
     assert proc.returncode == 2  # a config error, refused before anything starts
-    errors = [line for line in proc.stdout.splitlines() if line.startswith("error:")]
-    assert errors == ["error: ConfigError: trainer.stop_at_target needs trainer.target_value, e.g. 3.28"]
+    errors = [line for line in (proc.stdout + proc.stderr).splitlines() if line.startswith("error:")]
+    assert errors == ["error: trainer.stop_at_target needs trainer.target_value, e.g. 3.28"]
