@@ -24,8 +24,12 @@ $(STAMP): pyproject.toml $(LOCK)
 train: $(STAMP)
 	$(BIN)/python -m speedrun.train $(ARGS)
 
+# Two workers (-n): most tests spend their time in real training processes, one CPU core each.
+# --dist loadgroup keeps tests that share a heavy fixture (the SLURM test cluster) on one worker.
+TEST_WORKERS ?= 2
+
 test: $(STAMP)
-	$(BIN)/python -m pytest -q $(ARGS)
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup $(ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check speedrun tests benchmarks hydra_plugins

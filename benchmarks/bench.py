@@ -525,7 +525,7 @@ def bench_export(sizes: Sizes, device: torch.device, workdir: Path) -> list[Resu
         return evaluate(
             model, val_tokens, luts, seq_len=sizes.seq_len, batch_tokens=sizes.eval_batch_tokens,
             device=device, autocast_dtype=autocast_dtype,
-        )[1]  # fmt: skip
+        ).bpb  # fmt: skip
 
     trained = {k: v.detach().clone() for k, v in model.state_dict().items()}
     roles = parameter_roles(model)

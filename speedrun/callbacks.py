@@ -50,14 +50,14 @@ def natural_key(text: str) -> list:
 
 
 def _definition(config: DictConfig) -> list[str]:
-    """What makes this sweep this sweep: its task overrides, minus those a resumed run may change (the
-    horizon, cadence, logging: speedrun.checkpoint.RESUMABLE_CHANGES) and Hydra's own (where and how
-    the sweep runs). Each job still checks its own config against its checkpoint when it resumes."""
+    """What makes this sweep this sweep: its task overrides (the last value of a key given twice, as Hydra
+    applies them), minus those a resumed run may change (the horizon, cadence, logging:
+    speedrun.checkpoint.RESUMABLE_CHANGES) and Hydra's own (where and how the sweep runs). Each job
+    still checks its own config against its checkpoint when it resumes."""
     from speedrun.checkpoint import resumable_change
 
-    return sorted(
-        o for o in config.hydra.overrides.task if not resumable_change(o.split("=", 1)[0].lstrip("+~"))
-    )
+    by_key = {o.split("=", 1)[0].lstrip("+~"): o for o in config.hydra.overrides.task}
+    return sorted(o for key, o in by_key.items() if not resumable_change(key))
 
 
 class SweepReport(Callback):

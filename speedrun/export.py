@@ -23,6 +23,7 @@ the user names in `export.code_files`).
 from __future__ import annotations
 
 import ast
+import importlib
 import io
 import os
 from collections.abc import Collection, Mapping, Sequence
@@ -64,9 +65,16 @@ def code_bytes(config: dict | None = None) -> int:
     """
     package = Path(__file__).resolve().parent
     roots = {"speedrun.train"} | {
-        t.rpartition(".")[0] for t in _targets(config or {}) if t.startswith("speedrun.")
+        _defining_module(t) for t in _targets(config or {}) if t.startswith("speedrun.")
     }
     return sum(path.stat().st_size for path in _import_closure(package, roots))
+
+
+def _defining_module(target: str) -> str:
+    """The module that defines a `_target_`'s class: a package may re-export it lazily (speedrun.models)."""
+    module, _, name = target.rpartition(".")
+    defined = getattr(importlib.import_module(module), name, None)
+    return getattr(defined, "__module__", None) or module
 
 
 def _targets(node: object) -> list[str]:

@@ -243,3 +243,9 @@ def _log_plan(plan, settings, ctx, model) -> None:
         settings.train_batch_tokens, plan.seq_len, plan.max_steps, settings.max_wallclock_seconds, ctx.device,
         plan.compile, "bf16" if plan.autocast_dtype is not None else "fp32",
     )  # fmt: skip
+    # A job given its own share of the machine (hydra/launcher=parallel) says which.
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < (os.cpu_count() or len(cpus)):
+        log.info("devices: CPUs %s", ",".join(map(str, cpus)))
+    if os.environ.get("CUDA_VISIBLE_DEVICES"):
+        log.info("devices: CUDA_VISIBLE_DEVICES=%s", os.environ["CUDA_VISIBLE_DEVICES"])

@@ -23,20 +23,27 @@ def prepare_data(cfg: DictConfig):
     return data
 
 
-def check_model(cfg: DictConfig, data) -> object:
-    """Build the model on the meta device (shapes only, no memory, no initialisation): its constructor's
-    errors come now, and a model whose vocabulary cannot hold every token id of the data is refused."""
+def check_model_vocab(cfg: DictConfig, data) -> None:
+    """A model whose vocabulary cannot hold every token id of the data is refused."""
+    if data is not None and cfg.model.get("vocab_size") is not None:
+        data.check_model_vocab(cfg.model.vocab_size)
+
+
+def model_shapes(cfg: DictConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor's shape in the model's state dict, from the model built on the meta device (no
+    memory, no real initialisation; it costs torch's compile machinery a second to import, so it is
+    built only when a checkpoint must be matched against it)."""
     import torch
     from hydra.utils import instantiate
 
     with torch.device("meta"):
         model = instantiate(cfg.model)
-    if data is not None and cfg.model.get("vocab_size") is not None:
-        data.check_model_vocab(cfg.model.vocab_size)
-    return model
+    return {name: tuple(t.shape) for name, t in model.state_dict().items()}
 
 
-def choose_checkpoint(config: dict, folder: RunFolder, model, log_forced: bool) -> tuple[str, dict | None]:
+def choose_checkpoint(
+    config: dict, folder: RunFolder, cfg: DictConfig, log_forced: bool
+) -> tuple[str, dict | None]:
     """The checkpoint this job continues from ("never" for a fresh start) and the config it was saved
     with, chosen once here, before
     any rank starts: a corrupt checkpoint is set aside with one warning, a config that changes the
@@ -53,7 +60,7 @@ def choose_checkpoint(config: dict, folder: RunFolder, model, log_forced: bool) 
     if found is None:
         return "never", None
     state, path = found
-    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    expected = model_shapes(cfg)
     saved = {name: tuple(t.shape) for name, t in state["model"].items()}
     mismatched = sorted(n for n in expected.keys() | saved.keys() if expected.get(n) != saved.get(n))
     if mismatched:

@@ -211,15 +211,15 @@ def _attempt(cfg: DictConfig, info: dict, folder: RunFolder, rank0: bool, starte
 def _check_before_training(cfg: DictConfig, info: dict, folder: RunFolder, rank0: bool) -> dict:
     """Everything that can fail before training, checked without writing anything; the resolved config."""
     from speedrun.launch import local_world_size
-    from speedrun.preflight import check_model, choose_checkpoint, prepare_data
+    from speedrun.preflight import check_model_vocab, choose_checkpoint, prepare_data
 
     validate_config(cfg)  # each job of a sweep with its own values (fast: no torch yet)
     world_size = local_world_size(cfg.trainer.nproc_per_node)
     validate_config(cfg, world_size)
     config = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
     data = prepare_data(cfg) if rank0 else None
-    model = check_model(cfg, data)
-    info["resume"], saved_config = choose_checkpoint(config, folder, model, log_forced=rank0)
+    check_model_vocab(cfg, data)
+    info["resume"], saved_config = choose_checkpoint(config, folder, cfg, log_forced=rank0)
     if saved_config == config and (read_summary(folder.path) or {}).get("status") == "completed":
         raise AlreadyCompleted(f"{folder.path} already holds this run, completed; nothing to do")
     if info["resume"] == "never" and folder.trained_before():

@@ -45,7 +45,7 @@ EXACT = (
     "trainer.log_every=1",
 )
 # Record fields that measure time and so differ between two runs computing the same numbers.
-TIMING = {"train_time_ms", "train/tok_per_sec", "step_ms", "train/mfu"}
+TIMING = {"train_time_ms", "train/tok_per_sec", "step_ms", "train/mfu", "val/time_ms", "quant/time_ms"}
 SUMMARY_NUMBERS = ("val_loss", "val_bpb", "min_val_bpb", "quant_val_loss", "quant_val_bpb", "model_bytes",
                    "steps", "tokens_seen", "params")  # fmt: skip
 

@@ -1,11 +1,26 @@
 """Optimizers. Each is built from the model's parameter groups (speedrun.models.protocol), so any
-torch optimizer works too: `optimizer._target_: torch.optim.AdamW` with `_partial_: true`."""
+torch optimizer works too: `optimizer._target_: torch.optim.AdamW` with `_partial_: true`.
 
-from speedrun.optim.adamw import AdamW
-from speedrun.optim.batched_muon import BatchedMuon
-from speedrun.optim.modded import ModdedMuonAdam
-from speedrun.optim.multi import MultiOptimizer
-from speedrun.optim.muon import Muon
-from speedrun.optim.muon_adam import MuonAdam
+The exports load on first use, so a run imports only the optimizer it uses.
+"""
 
-__all__ = ["AdamW", "BatchedMuon", "ModdedMuonAdam", "Muon", "MuonAdam", "MultiOptimizer"]
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    "AdamW": "speedrun.optim.adamw",
+    "BatchedMuon": "speedrun.optim.batched_muon",
+    "ModdedMuonAdam": "speedrun.optim.modded",
+    "MultiOptimizer": "speedrun.optim.multi",
+    "Muon": "speedrun.optim.muon",
+    "MuonAdam": "speedrun.optim.muon_adam",
+}
+
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
