@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 import math
 import re
-import socket
 import subprocess
 import sys
 import warnings
@@ -17,8 +16,6 @@ import warnings
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 import yaml
 
@@ -32,6 +29,7 @@ from speedrun.optim.batched_muon import batched_newton_schulz
 from speedrun.optim.muon import zeropower_via_newtonschulz5
 from speedrun.schedules import WallclockWarmdown
 from tests.conftest import REPO, cli_env, read_metrics, read_summary
+from tests.two_ranks import on_two_ranks, run_steps
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -451,35 +449,16 @@ def _batched_muon_problem():
     return params, grads
 
 
-def _run_batched_muon(params, grads) -> BatchedMuon:
-    opt = BatchedMuon(params, lr=0.05, momentum=0.95, momentum_warmup_start=0.85, momentum_warmup_steps=1)
-    for step_grads in grads:
-        for p, grad in zip(params, step_grads, strict=True):
-            p.grad = grad.clone()
-        opt.step()
-    return opt
-
-
-def _batched_muon_worker(rank: int, port: int, out_path: str) -> None:
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
-    try:
-        params, grads = _batched_muon_problem()
-        opt = _run_batched_muon(params, grads)
-        torch.save({"params": [p.detach() for p in params], "state": opt.state_dict()}, f"{out_path}.{rank}")
-    finally:
-        dist.destroy_process_group()
+def _make_batched_muon(params) -> BatchedMuon:
+    return BatchedMuon(params, lr=0.05, momentum=0.95, momentum_warmup_start=0.85, momentum_warmup_steps=1)
 
 
 @pytest.mark.slow  # two fresh processes importing torch: several seconds
 def test_two_rank_batched_muon_matches_one_rank(tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_batched_muon_worker, args=(port, str(tmp_path / "muon")), nprocs=2, join=True)
+    results = on_two_ranks(_batched_muon_problem, _make_batched_muon, tmp_path)
     params, grads = _batched_muon_problem()
-    single = _run_batched_muon(params, grads).state_dict()
-    for rank in range(2):
-        result = torch.load(f"{tmp_path / 'muon'}.{rank}", weights_only=True)
+    single = run_steps(_make_batched_muon, params, grads).state_dict()
+    for result in results:
         for got, want in zip(result["params"], params, strict=True):
             assert torch.equal(got, want.detach())
         for index, state in single["state"].items():

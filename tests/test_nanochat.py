@@ -6,7 +6,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import socket
 import subprocess
 import sys
 import warnings
@@ -14,8 +13,6 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from speedrun.job import resolve_max_steps
 from speedrun.models import GPT
@@ -39,6 +36,7 @@ from speedrun.optim.nanochat_muon import (
     polar_express,
 )
 from tests.conftest import REPO, cli_env, read_metrics
+from tests.two_ranks import on_two_ranks, run_steps
 
 # A nanochat small enough for a CPU: 2 layers of 64 (one head of 64), 64-token sequences.
 TINY = dict(vocab_size=1000, depth=2, aspect_ratio=32, head_dim=64, sequence_len=64)
@@ -403,36 +401,17 @@ def _nanochat_muon_problem():
     return params, grads
 
 
-def _run_nanochat_muon(params, grads) -> NanochatMuon:
+def _make_nanochat_muon(params) -> NanochatMuon:
     opt = NanochatMuon(params, lr=0.05, weight_decay=0.2)
     opt.set_horizon(10)
-    for step_grads in grads:
-        for p, grad in zip(params, step_grads, strict=True):
-            p.grad = grad.clone()
-        opt.step()
     return opt
-
-
-def _distributed_worker(rank: int, port: int, out_path: str) -> None:
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
-    try:
-        params, grads = _nanochat_muon_problem()
-        opt = _run_nanochat_muon(params, grads)
-        torch.save({"params": [p.detach() for p in params], "state": opt.state_dict()}, f"{out_path}.{rank}")
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.slow  # two fresh processes importing torch: several seconds
 def test_two_rank_nanochat_muon_matches_one_rank(tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    out_path = str(tmp_path / "muon")
-    mp.spawn(_distributed_worker, args=(port, out_path), nprocs=2, join=True)
+    results = on_two_ranks(_nanochat_muon_problem, _make_nanochat_muon, tmp_path)
     params, grads = _nanochat_muon_problem()
-    single = _run_nanochat_muon(params, grads).state_dict()
-    results = [torch.load(f"{out_path}.{rank}", weights_only=True) for rank in range(2)]
+    single = run_steps(_make_nanochat_muon, params, grads).state_dict()
     for got0, got1, want in zip(results[0]["params"], results[1]["params"], params, strict=True):
         assert torch.equal(got0, got1)  # every rank ends with the same weights...
         torch.testing.assert_close(got0, want.detach(), atol=1e-6, rtol=1e-5)  # ...those of one rank

@@ -1,17 +1,15 @@
 from __future__ import annotations
 
 import io
-import socket
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from speedrun.models import GPT
 from speedrun.models.protocol import parameter_groups
 from speedrun.optim import AdamW, Muon, MuonAdam
 from speedrun.optim.muon import current_momentum, zeropower_via_newtonschulz5
+from tests.two_ranks import on_two_ranks, run_steps
 
 TINY = dict(vocab_size=128, num_layers=3, model_dim=64, num_heads=4, num_kv_heads=2)
 
@@ -204,37 +202,16 @@ def _muon_problem() -> tuple[list[torch.nn.Parameter], list[list[torch.Tensor]]]
     return params, grads
 
 
-def _run_muon(params, grads) -> Muon:
-    opt = Muon(params, lr=0.05, momentum=0.9)
-    for step_grads in grads:
-        for p, grad in zip(params, step_grads, strict=True):
-            p.grad = grad.clone()
-        opt.step()
-    return opt
-
-
-def _distributed_worker(rank: int, port: int, out_path: str) -> None:
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
-    try:
-        params, grads = _muon_problem()
-        opt = _run_muon(params, grads)
-        torch.save({"params": [p.detach() for p in params], "state": opt.state_dict()}, f"{out_path}.{rank}")
-    finally:
-        dist.destroy_process_group()
+def _make_muon(params) -> Muon:
+    return Muon(params, lr=0.05, momentum=0.9)
 
 
 @pytest.mark.slow  # two fresh processes importing torch: several seconds
 def test_two_rank_muon_matches_one_rank(tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    out_path = str(tmp_path / "muon")
-    mp.spawn(_distributed_worker, args=(port, out_path), nprocs=2, join=True)
-
+    results = on_two_ranks(_muon_problem, _make_muon, tmp_path)
     params, grads = _muon_problem()
-    single = _run_muon(params, grads).state_dict()
-    for rank in range(2):
-        result = torch.load(f"{out_path}.{rank}", weights_only=True)
+    single = run_steps(_make_muon, params, grads).state_dict()
+    for result in results:
         for got, want in zip(result["params"], params, strict=True):
             assert torch.equal(got, want.detach())
         # Every rank holds every momentum buffer, so any rank's state resumes the run.

@@ -6,7 +6,7 @@ build in a fresh process) does not pay for importing torch.
 
 from __future__ import annotations
 
-import importlib
+from speedrun.lazy import lazy_exports
 
 
 class DataError(RuntimeError):
@@ -24,8 +24,4 @@ _EXPORTS = {
 
 __all__ = ["DataError", *_EXPORTS]
 
-
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, _EXPORTS)

@@ -7,7 +7,7 @@ imports FlexAttention, whose torch.compile machinery alone takes a second and a 
 
 from __future__ import annotations
 
-import importlib
+from speedrun.lazy import lazy_exports
 
 _EXPORTS = {
     "GPT": "speedrun.models.gpt",
@@ -17,8 +17,4 @@ _EXPORTS = {
 
 __all__ = list(_EXPORTS)
 
-
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, _EXPORTS)

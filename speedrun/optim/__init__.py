@@ -6,7 +6,7 @@ The exports load on first use, so a run imports only the optimizer it uses.
 
 from __future__ import annotations
 
-import importlib
+from speedrun.lazy import lazy_exports
 
 _EXPORTS = {
     "AdamW": "speedrun.optim.adamw",
@@ -19,8 +19,4 @@ _EXPORTS = {
 
 __all__ = list(_EXPORTS)
 
-
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, _EXPORTS)
