@@ -35,9 +35,18 @@ def compose_with(*overrides: str, hydra_config: bool = False):
 
 @pytest.mark.parametrize("option", options("model"))
 def test_model_options_build(option):
+    """Every model option builds; the small ones also compute a loss (the record-sized ones, hundreds of
+    millions of parameters, are built on the meta device: their math is tested at small sizes elsewhere)."""
+    import torch
+
     cfg = compose_with(f"model={option}")
-    model = instantiate(cfg.model)
-    assert model(*[__import__("torch").zeros(1, 8, dtype=__import__("torch").long)] * 2).ndim == 0
+    with torch.device("meta"):
+        params = sum(p.numel() for p in instantiate(cfg.model).parameters())
+    assert params > 0
+    if params < 50_000_000:
+        model = instantiate(cfg.model)
+        block = cfg.model.get("window_block_size", 8)  # a whole block of tokens for block-wise windows
+        assert model(*[torch.zeros(1, block, dtype=torch.long)] * 2).ndim == 0
 
 
 def test_pg_9x512_has_the_reference_parameter_count():
