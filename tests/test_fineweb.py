@@ -28,7 +28,7 @@ import pytest
 from speedrun.config import compose
 from speedrun.data.shards import list_shards, read_shard_header, write_shard
 from speedrun.data.tokenizer_sentencepiece import train_sentencepiece
-from tests.conftest import read_summary, run_train
+from tests.conftest import cli_env, read_summary
 
 REPO = Path(__file__).resolve().parent.parent
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
@@ -425,12 +425,19 @@ def test_bad_input_is_one_error_line(hub, tmp_path, args, code, message):
 
 @pytest.mark.parametrize("layout", [GPT2], ids=["gpt2"])
 def test_modded_nanogpts_data_trains_with_val_loss_and_a_null_val_bpb(hub, layout, tmp_path):
-    """The GPT-2 layout as fetched, through the real CLI with data=fineweb_gpt2: no tokenizer, so the run
-    reports val_loss and a null val_bpb, with modded-nanogpt's padded vocabulary (50,304 rows)."""
+    """The GPT-2 layout as fetched, through the real CLI with modded-nanogpt's preset (experiment=mn_record20,
+    whose data is data=fineweb_gpt2) at a tiny size: no tokenizer, so the run reports val_loss and a null
+    val_bpb, with the record's padded vocabulary (50,304 rows)."""
     assert run_fetch(hub, layout, tmp_path, "--train-shards", "2").returncode == 0
     run_dir = tmp_path / "run"
-    run_train(run_dir, "data=fineweb_gpt2", f"data.path={tmp_path / layout.local_dir}", "model.vocab_size=50304",
-              "trainer.max_steps=3", "trainer.export=false")  # fmt: skip
+    tiny_record = ["model.num_layers=2", "model.model_dim=64", "model.num_heads=2", "model.num_value_embeds=1",
+                   "model.skip_attention_layers=[]", "model.window_block_size=32", "model.max_window_tokens=192",
+                   "data.seq_len=256", "trainer.train_batch_tokens=2048", "trainer.val_batch_tokens=4096",
+                   "trainer.warmup_steps=0", "trainer.val_every=0"]  # fmt: skip
+    command = [sys.executable, "-m", "speedrun.train", "experiment=mn_record20", *tiny_record, "logger=none",
+               f"data.path={tmp_path / layout.local_dir}", "trainer.max_steps=3", f"hydra.run.dir={run_dir}"]  # fmt: skip
+    proc = subprocess.run(command, cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     summary = read_summary(run_dir)
     assert summary["status"] == "completed" and summary["val_bpb"] is None and summary["val_loss"] > 0
     assert "no data.tokenizer: val_bpb will be null" in (run_dir / "train.log").read_text()

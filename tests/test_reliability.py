@@ -532,8 +532,10 @@ def test_a_live_run_folder_is_refused_naming_its_process_and_kill_9_cannot_leave
 
 @pytest.mark.timeout(240)
 def test_an_interrupted_run_prints_the_one_command_that_resumes_it_bit_for_bit(reference, tmp_path):
+    """SIGTERM mid-run, then the printed command, from another folder: the run ends as if never stopped,
+    and its offline wandb run continues under the same id, every record logged once."""
     run_dir = tmp_path / "run"
-    proc = start_train(run_dir, *EXACT)
+    proc = start_train(run_dir, *EXACT, "logger=wandb", "logger.mode=offline")
     wait_until(lambda: len(trained_steps(run_dir)) >= 5, proc)
     os.killpg(proc.pid, signal.SIGTERM)
     proc.wait(timeout=60)
@@ -550,6 +552,13 @@ def test_an_interrupted_run_prints_the_one_command_that_resumes_it_bit_for_bit(r
     assert_reproduces(run_dir, reference)
     attempts = [json.loads(line) for line in (run_dir / "attempts.jsonl").read_text().splitlines()]
     assert [a["status"] for a in attempts] == ["interrupted", "completed"]
+    first, second = read_offline_runs(run_dir)
+    assert first["id"] == second["id"] and second["exit_code"] == 0
+    rows = [(row["step"], tuple(sorted(k for k in row if not k.startswith("_")))) for row in
+            first["history"] + second["history"]]  # fmt: skip
+    assert len(rows) == len(set(rows)) == len(read_metrics(run_dir))  # each record once, none repeated
+    stopped = int(attempts[0]["error"].rsplit(" ", 1)[-1])  # "interrupted by SIGTERM at step N"
+    assert min(row["step"] for row in second["history"]) > stopped
 
 
 @pytest.mark.timeout(240)
@@ -602,21 +611,3 @@ def test_each_attempt_reports_its_own_error_and_a_run_s_record_outlives_later_fa
     assert {p: p.read_bytes() for p in kept} == kept
     last = json.loads((done / "attempts.jsonl").read_text().splitlines()[-1])
     assert last["status"] == "refused" and str(missing) in last["error"]
-
-
-@pytest.mark.timeout(240)
-def test_a_resumed_run_continues_the_same_wandb_run_without_repeating_steps(tmp_path):
-    run_dir = tmp_path / "run"
-    args = (*EXACT, "logger=wandb", "logger.mode=offline", "trainer.export=false")
-    proc = start_train(run_dir, *args)
-    wait_until(lambda: len(trained_steps(run_dir)) >= 5, proc)
-    os.killpg(proc.pid, signal.SIGTERM)
-    proc.wait(timeout=60)
-    stopped = read_summary(run_dir)["steps"]
-    run_train(run_dir, *args)
-    first, second = read_offline_runs(run_dir)
-    assert first["id"] == second["id"] and second["exit_code"] == 0
-    rows = [(row["step"], tuple(sorted(k for k in row if not k.startswith("_")))) for row in
-            first["history"] + second["history"]]  # fmt: skip
-    assert len(rows) == len(set(rows)) == len(read_metrics(run_dir))  # each record once, none repeated
-    assert min(row["step"] for row in second["history"]) > stopped
