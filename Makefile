@@ -25,11 +25,12 @@ train: $(STAMP)
 	$(BIN)/python -m speedrun.train $(ARGS)
 
 # Two workers (-n): most tests spend their time in real training processes, one CPU core each.
-# --dist loadgroup keeps tests that share a heavy fixture (the SLURM test cluster) on one worker.
+# --dist loadfile keeps each file on one worker, so a module's fixtures (a reference run, the SLURM test
+# cluster) are built once.
 TEST_WORKERS ?= 2
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup $(ARGS)
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile $(ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check speedrun tests benchmarks hydra_plugins

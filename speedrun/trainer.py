@@ -541,6 +541,8 @@ class Trainer:
             # The final validation: its wall time (the tracks' evaluation-time limit) and what it scored.
             "eval_time_ms": round(self.last_val.time_ms, 3) if self.last_val else None,
             "val_tokens_scored": self.last_val.tokens if self.last_val else None,
+            # The submission's code size does not need an artifact (speedrun.export.code_bytes).
+            "code_bytes": self.artifact_format.code_bytes(self.config),
         }
         if outcome["status"] == "completed" and not math.isfinite(summary["val_loss"] or math.nan):
             summary.update(status="diverged", error=f"the final validation loss is {summary['val_loss']}; "
@@ -548,7 +550,7 @@ class Trainer:
         if self.settings.stop_at_target:
             summary["stopped_at_target"] = bool(outcome.get("stopped_at_target"))
         if summary["status"] == "completed" and self.settings.export:
-            summary.update(self._export(eval_model, val_tokens, luts))
+            summary.update(self._export(eval_model, val_tokens, luts, summary["code_bytes"]))
         if summary["status"] == "completed" and self._stop_requested():
             # The end checkpoint is on disk: resuming repeats the final validation and the export.
             summary.update(self._interrupted())
@@ -558,7 +560,7 @@ class Trainer:
         """Whether a stop signal reached any rank (all ranks take part, and agree)."""
         return dist_utils.any_rank(self.ctx, [self.stop.signal_name is not None])[0]
 
-    def _export(self, eval_model, val_tokens, luts) -> dict:
+    def _export(self, eval_model, val_tokens, luts, code: int) -> dict:
         """Write final_model.pt and the artifact (rank 0), then every rank evaluates its round trip:
         reading the artifact back counts as evaluation time, as it does for a track's evaluator. A stop
         signal before the round trip skips it (the caller reports the run interrupted)."""
@@ -585,7 +587,6 @@ class Trainer:
         self._record({"quant/val_loss": quant_loss, "quant/val_bpb": quant_bpb,
                       "quant/time_ms": round(quant_eval_time_ms, 3), **sizes})  # fmt: skip
         model_bytes = path.stat().st_size
-        code = artifact.code_bytes(self.config)
         bpb_text = "n/a" if quant_bpb is None else f"{quant_bpb:.8f}"
         log.info("final_%s_roundtrip val_loss:%.8f val_bpb:%s", artifact.name, quant_loss, bpb_text)
         if payload is not None:

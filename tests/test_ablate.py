@@ -62,10 +62,6 @@ def test_every_switch_of_the_gpt_has_an_ablate_option_and_the_sweep_runs_them_al
         assert len(changed) == (0 if option == "baseline" else 1), (option, changed)
 
 
-# The module's sweep fixture is its cost (~20 s): with `make test`'s two workers its tests share one.
-pytestmark = pytest.mark.xdist_group("ablate")
-
-
 @pytest.fixture(scope="module")
 def ablate_sweep(tmp_path_factory, corpus) -> tuple[Path, subprocess.CompletedProcess]:
     """`+sweep=ablate` on the tiny GPT, two seeds, three steps: 20 jobs of a second or two each."""

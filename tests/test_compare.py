@@ -18,7 +18,7 @@ from matplotlib.colors import to_hex
 
 from speedrun.compare import figure_of, load_jobs, main, read_curves, swept_overrides, varying_keys
 from speedrun.stats import power
-from tests.conftest import REPO, TINY, cli_env
+from tests.conftest import cli_env
 
 # parameter-golf's record README: three seeds of the final int8 round-trip val_bpb; SOTA and the margin.
 RECORD_SEEDS = {1337: 1.20143417, 1338: 1.19945102, 1339: 1.20319508}
@@ -563,48 +563,3 @@ def test_swept_overrides_skip_presets_and_hydra_settings():
         "++seed=3",
     ]
     assert swept_overrides(lines) == {"optimizer.matrix_lr": "0.02", "seed": "3"}
-
-
-@pytest.mark.slow
-@pytest.mark.timeout(200)
-def test_two_real_seed_sweeps_compare_against_each_other(tmp_path, corpus):
-    """Two tiny seed sweeps trained for real (a baseline and a higher matrix LR), then compared."""
-    short = ["trainer.max_steps=6", "trainer.val_every=3", "trainer.export=false"]
-    sweeps = {}
-    for name, extra in (("base", []), ("cand", ["optimizer.matrix_lr=0.08"])):
-        sweeps[name] = tmp_path / name
-        command = [sys.executable, "-m", "speedrun.train", "-m", *TINY, *short, *extra, "seed=1,2",
-                   f"hydra.sweep.dir={sweeps[name]}"]  # fmt: skip
-        proc = subprocess.run(command, cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=90)
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    result = run_compare(sweeps["cand"], "--baseline", sweeps["base"], "--reach", "6", "--metric", "val_bpb",
-                         cwd=tmp_path)  # fmt: skip
-    assert result.returncode == 0, result.stderr
-    finals = {
-        name: [
-            json.loads((job / "summary.json").read_text())["val_bpb"]
-            for job in sorted(folder.iterdir())
-            if job.is_dir()
-        ]
-        for name, folder in sweeps.items()
-    }
-    (row,) = section_rows(result.stdout, "## Against the baseline")
-    welch = scipy.stats.ttest_ind(finals["cand"], finals["base"], equal_var=False)
-    assert row["setting"] == "cand: optimizer.matrix_lr=0.08" and row["p"] == f"{welch.pvalue:.4g}"
-    assert row["paired n"] == "2" and row["seeds needed"]
-    # Every evaluation is below 6 bits per byte: each run reached it at its step-0 evaluation.
-    (reach,) = [
-        r for r in section_rows(result.stdout, "## Time to val/bpb <= 6") if r["setting"].endswith("0.08")
-    ]
-    assert reach["reached"] == "2/2" and reach["tokens"] == "0 ± 0"
-    assert png_size(sweeps["cand"] / "comparison.png")[0] == 3 * 6 * 110  # with final bpb vs matrix_lr
-
-    # Without --baseline: the real multirun.yaml says 0.08 is not the default matrix LR, so the baseline
-    # sweep (which did not set it) is the baseline.
-    result = run_compare(
-        sweeps["base"], sweeps["cand"], "--metric", "val_bpb", "--out", tmp_path / "auto", cwd=tmp_path
-    )
-    assert result.returncode == 0, result.stderr
-    assert "Baseline: base: optimizer.matrix_lr=default (n=2" in result.stdout
-    (auto,) = section_rows(result.stdout, "## Against the baseline")
-    assert auto["setting"] == "cand: optimizer.matrix_lr=0.08" and auto["p"] == row["p"]

@@ -18,10 +18,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import yaml
 
 from speedrun.data.shards import HEADER_BYTES
-from speedrun.export import code_bytes
 from speedrun.signals import signals_held
 from tests.conftest import REPO, TINY, cli_env, read_metrics, read_summary
 
@@ -164,6 +162,8 @@ def test_two_ranks_compute_what_one_rank_computes(reference: Path, tmp_path: Pat
     assert "world_size:2 grad_accum_steps:4 micro_batch_tokens:128" in (run_dir / "train.log").read_text()
     assert read_summary(run_dir)["world_size"] == 2
     assert_same_training(run_dir, reference)
+    # One code_bytes, however the job is launched (the source a job runs, not what a process imported).
+    assert read_summary(run_dir)["code_bytes"] == read_summary(reference)["code_bytes"] > 0
 
 
 @pytest.mark.timeout(300)
@@ -182,6 +182,7 @@ def test_torchrun_ranks_share_one_default_run_folder(reference: Path, tmp_path: 
     assert "world_size:2 grad_accum_steps:4 micro_batch_tokens:128" in log
     assert read_summary(run_dir)["status"] == "completed"
     assert_same_training(run_dir, reference)
+    assert read_summary(run_dir)["code_bytes"] == read_summary(reference)["code_bytes"]
 
 
 @pytest.mark.timeout(300)
@@ -312,18 +313,3 @@ def test_slurm_preset_runs_one_task_per_gpu() -> None:
         launcher = compose("config", overrides=overrides, return_hydra_config=True).hydra.launcher
     assert launcher._target_.endswith("SlurmLauncher")
     assert (launcher.nodes, launcher.tasks_per_node) == (2, 4)
-
-
-@pytest.mark.timeout(300)
-def test_code_bytes_is_the_same_however_the_job_is_launched(corpus: Path, tmp_path: Path) -> None:
-    """In-process and on 2 local ranks (two jobs of one sweep) and under torchrun: one number, the size of
-    the framework source a training job runs (speedrun.export.code_bytes), whatever a process imported."""
-    common = [*TINY, "trainer.max_steps=2", "trainer.val_every=0", f"data.cache_dir={corpus}"]
-    sweep = tmp_path / "sweep"
-    succeeded(run([*TRAIN, "-m", "trainer.nproc_per_node=1,2", *common, f"hydra.sweep.dir={sweep}"]))
-    succeeded(run([*TORCHRUN, "-m", "speedrun.train", *common, f"hydra.run.dir={tmp_path / 'torchrun'}"]))
-    runs = [*sorted(p for p in sweep.iterdir() if p.is_dir()), tmp_path / "torchrun"]
-    summaries = [read_summary(path) for path in runs]
-    assert [s["world_size"] for s in summaries] == [1, 2, 2]
-    config = yaml.safe_load((runs[0] / ".hydra" / "config.yaml").read_text())
-    assert {s["code_bytes"] for s in summaries} == {code_bytes(config)}

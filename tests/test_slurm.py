@@ -37,11 +37,6 @@ SLURM = ["-m", "hydra/launcher=slurm", "hydra.launcher.gpus_per_node=null", "hyd
          "hydra.launcher.cpus_per_task=1", "hydra.launcher.timeout_min=5"]  # fmt: skip
 TRAIN = [sys.executable, "-m", "speedrun.train"]
 
-# One test cluster (fixed ports, one node) for the whole file: with `make test`'s two workers, every
-# test of this file runs on the same one (--dist loadgroup).
-pytestmark = pytest.mark.xdist_group("slurm")
-
-
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory, corpus: Path):
     try:

@@ -113,6 +113,8 @@ def test_lr_x_seq_len_sweep_logs_every_job_to_wandb_and_compares(tmp_path, corpu
         assert [row["tokens"] for row in vals] == [0, 4 * 1024]
         assert run["summary"]["val/bpb"]["min"] == pytest.approx(min(row["val/bpb"] for row in vals))
     assert swept == {("0.02", "128"), ("0.02", "256"), ("0.04", "128"), ("0.04", "256")}
+    # Every job of the sweep (run one after another in this process) reports the same code_bytes.
+    assert len({read_summary(job)["code_bytes"] for job in jobs}) == 1
 
     proc = run_cli("speedrun.compare", sweep, cwd=tmp_path, timeout=60)
     assert proc.returncode == 0, explain(proc)
