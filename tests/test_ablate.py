@@ -68,7 +68,10 @@ def ablate_sweep(tmp_path_factory, corpus) -> tuple[Path, subprocess.CompletedPr
     cwd = tmp_path_factory.mktemp("ablate")
     proc = run_cli(
         "speedrun.train", "+sweep=ablate", *TINY, f"seed={','.join(SEEDS)}", "trainer.max_steps=3",
-        "trainer.val_every=3", "trainer.export=false", f"data.cache_dir={corpus}", cwd=cwd, timeout=170,
+        "trainer.val_every=3", "trainer.export=false", f"data.cache_dir={corpus}",
+        # One micro-batch per step and a short validation: 20 jobs in one process, a second or so each.
+        "trainer.micro_batch_tokens=1024", "data.val_tokens=2048", "trainer.val_batch_tokens=2048",
+        cwd=cwd, timeout=170,
     )  # fmt: skip
     assert proc.returncode == 0, explain(proc)
     (sweep,) = (cwd / "multirun_outputs").iterdir()

@@ -37,6 +37,7 @@ SLURM = ["-m", "hydra/launcher=slurm", "hydra.launcher.gpus_per_node=null", "hyd
          "hydra.launcher.cpus_per_task=1", "hydra.launcher.timeout_min=5"]  # fmt: skip
 TRAIN = [sys.executable, "-m", "speedrun.train"]
 
+
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory, corpus: Path):
     try:

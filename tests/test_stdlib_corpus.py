@@ -90,7 +90,8 @@ def test_concurrent_builders_both_succeed_and_agree(tmp_path: Path) -> None:
     builders = [subprocess.Popen([sys.executable, "-c", BUILD, str(target)], env=env) for _ in range(2)]
     assert [b.wait(timeout=120) for b in builders] == [0, 0]
     assert read_manifest(target, 512)["vocab_size"] == 512
-    assert list(tmp_path.iterdir()) == [target]  # no temporary or stale folders left behind
+    # No temporary or stale folders left behind (the builders' lock file beside it stays, empty).
+    assert sorted(tmp_path.iterdir()) == [tmp_path / f".{target.name}.lock", target]
     assert len(list_shards(target, "train")) >= 1
 
 
@@ -102,7 +103,7 @@ def test_a_stale_build_is_replaced_and_a_foreign_folder_refused(tmp_path: Path) 
     build_stdlib_corpus(stale, 512)
     assert read_manifest(stale, 512) is not None
     assert read_shard_header(stale / "stdlib_train_000000.bin") > 0
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["stale"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".stale.lock", "stale"]
 
     foreign = tmp_path / "mine"
     foreign.mkdir()

@@ -9,6 +9,8 @@ complete build, and the whole folder appears by one atomic rename, so concurrent
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import logging
@@ -164,6 +166,26 @@ def build_stdlib_corpus(cache_dir: str | os.PathLike | None = None, vocab_size: 
             f"stdlib corpus cache_dir {cache_dir} exists and holds other files; point cache_dir at a new folder"
         )
     cache_dir.parent.mkdir(parents=True, exist_ok=True)
+    with _one_builder(cache_dir):
+        # Another process may have built it while this one waited.
+        if read_manifest(cache_dir, vocab_size) is None:
+            _build(cache_dir, vocab_size)
+    return cache_dir
+
+
+@contextlib.contextmanager
+def _one_builder(cache_dir: Path):
+    """One process builds at a time (a blocking flock beside the folder); the others wait for its build
+    instead of repeating it. The atomic rename below still protects readers that do not wait."""
+    fd = os.open(cache_dir.parent / f".{cache_dir.name}.lock", os.O_RDONLY | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _build(cache_dir: Path, vocab_size: int) -> None:
     tmp = Path(tempfile.mkdtemp(prefix=f".{cache_dir.name}.build-", dir=cache_dir.parent))
     tmp.chmod(0o755)  # mkdtemp makes it private; the cache is ordinary shared data
     try:
@@ -189,4 +211,3 @@ def build_stdlib_corpus(cache_dir: str | os.PathLike | None = None, vocab_size: 
     log.info(
         "stdlib corpus: ready in %s (%s tokens)", cache_dir, read_manifest(cache_dir, vocab_size)["tokens"]
     )
-    return cache_dir
