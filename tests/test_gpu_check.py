@@ -24,7 +24,10 @@ def test_without_cuda_it_says_so_in_one_line_and_exits_0() -> None:
 
 def test_make_gpu_check_runs_the_script() -> None:
     # A dry run (-n): it prints what `make gpu-check` runs without running it (nor the install it may need).
-    proc = subprocess.run(["make", "-n", "gpu-check"], cwd=REPO, capture_output=True, text=True)
+    # --no-print-directory: under a parent make (CI's `make test`) make would add Entering/Leaving lines.
+    proc = subprocess.run(
+        ["make", "-n", "--no-print-directory", "gpu-check"], cwd=REPO, capture_output=True, text=True
+    )
     assert proc.returncode == 0 and "python benchmarks/gpu_check.py" in proc.stdout.splitlines()[-1]
 
 

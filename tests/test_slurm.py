@@ -304,11 +304,11 @@ def test_a_job_cancelled_while_pending_fails_the_sweep_instead_of_hanging(
     first, second = job_dirs(sweep)
     assert read_summary(first)["status"] == "completed"
     summary = read_summary(second)
-    assert (
-        summary["status"] == "failed"
-        and f"SLURM job {pending} left the queue (cancelled before it started" in summary["error"]
-    )
-    assert f"{second.name}: failed SLURM job {pending} left the queue" in output
+    # Whether squeue still shows the task as CANCELLED when the launcher polls, or has already forgotten
+    # it, is a race inside SLURM; either way the job is failed and the reason names it.
+    ended = rf"SLURM job {re.escape(pending)} (left the queue \(cancelled before it started|ended CANCELLED)"
+    assert summary["status"] == "failed" and re.match(ended, summary["error"]), summary["error"]
+    assert re.search(rf"{re.escape(second.name)}: failed {ended}", output), output[-3000:]
 
 
 @pytest.mark.timeout(60)
