@@ -431,9 +431,9 @@ def test_modded_nanogpts_data_trains_with_val_loss_and_a_null_val_bpb(hub, layou
     assert run_fetch(hub, layout, tmp_path, "--train-shards", "2").returncode == 0
     run_dir = tmp_path / "run"
     tiny_record = ["model.num_layers=2", "model.model_dim=64", "model.num_heads=2", "model.num_value_embeds=1",
-                   "model.skip_attention_layers=[]", "model.window_block_size=32", "model.max_window_tokens=192",
-                   "data.seq_len=256", "data.val_tokens=2048", "trainer.train_batch_tokens=2048",
-                   "trainer.micro_batch_tokens=1024", "trainer.val_batch_tokens=2048",
+                   "model.skip_attention_layers=[]", "model.window_block_size=32", "model.max_window_tokens=96",
+                   "data.seq_len=128", "data.val_tokens=512", "trainer.train_batch_tokens=512",
+                   "trainer.micro_batch_tokens=256", "trainer.val_batch_tokens=512",
                    "trainer.warmup_steps=0", "trainer.val_every=0"]  # fmt: skip
     command = [sys.executable, "-m", "speedrun.train", "experiment=mn_record20", *tiny_record, "logger=none",
                f"data.path={tmp_path / layout.local_dir}", "trainer.max_steps=3", f"hydra.run.dir={run_dir}"]  # fmt: skip
