@@ -296,7 +296,7 @@ def test_job_folders_name_every_swept_value_of_the_lr_preset():
 @pytest.mark.timeout(300)
 def test_ctrl_c_stops_the_whole_sweep_and_the_printed_command_resumes_it(tmp_path, corpus):
     sweep = tmp_path / "sweep"
-    args = ["-m", "seed=1,2,3", *TINY, "trainer.max_steps=40", "trainer.val_every=0", "trainer.log_every=1",
+    args = ["-m", "seed=1,2,3", *TINY, "trainer.max_steps=20", "trainer.val_every=0", "trainer.log_every=1",
             "trainer.export=false", f"data.cache_dir={corpus}", f"hydra.sweep.dir={sweep}"]  # fmt: skip
     with open(tmp_path / "out.txt", "w") as out:
         proc = subprocess.Popen([sys.executable, "-m", "speedrun.train", *args], cwd=tmp_path, env=cli_env(),
@@ -327,7 +327,7 @@ def test_ctrl_c_stops_the_whole_sweep_and_the_printed_command_resumes_it(tmp_pat
     assert proc.returncode == 0, explain(proc)
     assert "3/3 jobs completed" in proc.stdout
     assert f"resumed from {first / 'checkpoints'}" in (first / "train.log").read_text()
-    assert all(read_summary(job)["steps"] == 40 for job in job_folders(sweep))
+    assert all(read_summary(job)["steps"] == 20 for job in job_folders(sweep))
 
 
 def test_a_second_sweep_into_the_same_folder_is_refused(tmp_path, corpus):

@@ -67,7 +67,7 @@ def test_wallclock_cap_stops_on_training_time(tmp_path):
 def test_warmup_steps_restore_the_initial_state(tmp_path):
     """Compile warm-up steps train for real, then restore weights, optimizer and data position:
     the measured run must be identical to one without warm-up."""
-    common = ("trainer.max_steps=8", "trainer.val_every=4", "trainer.log_every=1", "trainer.export=false")
+    common = ("trainer.max_steps=6", "trainer.val_every=3", "trainer.log_every=1", "trainer.export=false")
     run_train(tmp_path / "plain", *common)
     run_train(tmp_path / "warm", *common, "trainer.warmup_steps=3")
 
