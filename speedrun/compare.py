@@ -26,7 +26,7 @@ from pathlib import Path
 import yaml
 
 from speedrun.callbacks import natural_key
-from speedrun.cli import Parser
+from speedrun.cli import Parser, finite_float, fraction, positive_float
 
 # Summary fields shown for every job, in this order, after the swept overrides.
 SUMMARY_COLUMNS = ["status", "val_bpb", "quant_val_bpb", "artifact_bytes", "steps", "step_avg_ms"]
@@ -672,30 +672,6 @@ def figure_of(jobs: list[Job], keys: list[str], metric: str, key: str, reach: fl
             points, short_key(x_key, swept), series_key and short_key(series_key, swept), metric
         )
     return comparison_figure(curves, styles, key.replace("/", "_"), final=final, reach=reach)
-
-
-def finite_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"{text} is not a finite number")
-    return value
-
-
-def positive_float(text: str) -> float:
-    value = finite_float(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"{text} is not above 0")
-    return value
-
-
-def fraction(text: str) -> float:
-    value = finite_float(text)
-    if not 0 < value < 1:
-        raise argparse.ArgumentTypeError(f"{text} is not between 0 and 1 (exclusive), e.g. 0.01")
-    return value
 
 
 def build_parser() -> argparse.ArgumentParser:

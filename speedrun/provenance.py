@@ -32,6 +32,8 @@ import sys
 from importlib import metadata
 from pathlib import Path
 
+from speedrun.data.tokenizer import file_sha256
+
 GIT_TIMEOUT_S = 5.0
 PROVENANCE_FIELDS = (
     "git_commit", "git_dirty", "git_diff_sha256", "speedrun_version", "python", "torch", "cuda", "nccl",
@@ -83,14 +85,6 @@ def command_line(argv: list[str] | None = None) -> str:
     return shlex.join([program.name, *argv[1:]] if argv else [])
 
 
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _listed(data, method: str) -> list[Path]:
     """What a data source's `train_files` / `val_files` lists; nothing for one without them (a data
     source from outside speedrun need not list files)."""
@@ -118,7 +112,7 @@ def data_identity(data) -> dict:
 def _tokenizer_sha256(data) -> str | None:
     spec = data.tokenizer_path() if callable(getattr(data, "tokenizer_path", None)) else None
     if spec is not None and Path(spec).is_file():
-        return _sha256_file(Path(spec))
+        return file_sha256(Path(spec))
     # A tokenizer that is not a file (a built-in such as gpt2): its own fingerprint, where it has one.
     tokenizer = data.tokenizer() if callable(getattr(data, "tokenizer", None)) else None
     fingerprint = getattr(tokenizer, "fingerprint", None)

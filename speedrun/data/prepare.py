@@ -41,7 +41,7 @@ from typing import IO
 import numpy as np
 from tqdm import tqdm
 
-from speedrun.cli import Parser
+from speedrun.cli import Parser, fraction
 from speedrun.data.checks import MANIFEST_NAME
 from speedrun.data.shards import MAX_TOKEN_ID, TOKEN_DTYPE, list_shards, write_shard
 from speedrun.data.tokenizer import (
@@ -598,13 +598,6 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _fraction(text: str) -> float:
-    value = float(text)
-    if not 0 < value < 1:
-        raise argparse.ArgumentTypeError(f"must be between 0 and 1 (exclusive), got {text}")
-    return value
-
-
 def _prefix(text: str) -> str:
     if not text or not all(c.isalnum() or c in "-." for c in text):
         raise argparse.ArgumentTypeError(
@@ -662,7 +655,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     val.add_argument(
         "--val-fraction",
-        type=_fraction,
+        type=fraction,
         default=0.01,
         metavar="F",
         help="this share of documents, chosen by a hash of their text, is validation (default 0.01)",
