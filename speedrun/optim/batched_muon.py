@@ -24,10 +24,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from speedrun.optim.muon import current_momentum
-
-# The quintic Newton-Schulz coefficients of Muon (tuned for speed: singular values end near, not at, 1).
-NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
+from speedrun.optim.muon import NS_COEFFICIENTS, current_momentum
 
 
 def batched_newton_schulz(G: Tensor, steps: int = 5, eps: float = 1e-7) -> Tensor:

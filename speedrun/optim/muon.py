@@ -14,6 +14,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+# The quintic Newton-Schulz coefficients of Muon, here and in batched_muon.py.
+NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
+
 
 def zeropower_via_newtonschulz5(G: Tensor, steps: int = 5, eps: float = 1e-7) -> Tensor:
     """Approximately orthogonalize a 2-D matrix (push its singular values towards 1) in bf16.
@@ -21,7 +24,7 @@ def zeropower_via_newtonschulz5(G: Tensor, steps: int = 5, eps: float = 1e-7) ->
     The quintic's coefficients are tuned for speed rather than convergence: singular values land
     roughly in [0.7, 1.2], which Muon tolerates.
     """
-    a, b, c = (3.4445, -4.7750, 2.0315)
+    a, b, c = NS_COEFFICIENTS
     X = G.bfloat16()
     X /= X.norm() + eps
     # Iterate on the wide orientation, so X @ X.T is the smaller Gram matrix.
